@@ -1,0 +1,84 @@
+"""Seeded random projection of gradient vectors (paper eq 6).
+
+The projection matrix ``R`` in {-1, +1}^(d_proj x dim) is never held whole: it is generated in
+blocks of ``block_size`` input coordinates, block ``j`` from a Philox counter-based generator keyed
+by ``(seed, j)``. Philox's raw stream is specified bit-for-bit by numpy, so the same seed gives the
+same ``R`` on every machine and process, and the result of projecting a vector does not depend on
+how many vectors are projected together or how the work is split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """Everything needed to rebuild the projection: stored in the bundle's ``config.json``."""
+
+    dim: int
+    d_proj: int = 8192
+    seed: int = 0
+    block_size: int = 2048
+    kind: str = "rademacher"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProjectionSpec":
+        return cls(**{k: d[k] for k in ("dim", "d_proj", "seed", "block_size", "kind") if k in d})
+
+
+class RademacherProjector:
+    """``project(x) = x @ R.T`` with i.i.d. uniform +-1 entries (eq 6), generated block-wise.
+
+    Cost is dominated by generating ``dim x d_proj`` signs once per call, so project many vectors
+    per call (the callback and the router batch them) rather than one at a time.
+    """
+
+    def __init__(self, spec: ProjectionSpec):
+        if spec.kind != "rademacher":
+            raise ValueError(f"unknown projection kind {spec.kind!r}; supported: 'rademacher'")
+        if spec.d_proj % 8:
+            raise ValueError(f"d_proj must be a multiple of 8, got {spec.d_proj}")
+        if spec.dim <= 0:
+            raise ValueError(f"projection input dimension must be positive, got {spec.dim}")
+        self.spec = spec
+
+    def block(self, j: int) -> torch.Tensor:
+        """Rows ``j*block_size ...`` of ``R.T`` as a float32 tensor [rows, d_proj]."""
+        spec = self.spec
+        start = j * spec.block_size
+        rows = min(spec.block_size, spec.dim - start)
+        n_words = spec.block_size * spec.d_proj // 64
+        raw = np.random.Philox(key=[spec.seed, j]).random_raw(n_words).astype("<u8", copy=False)
+        bits = np.unpackbits(raw.view(np.uint8))[: rows * spec.d_proj].view(np.int8)
+        bits *= 2
+        bits -= 1
+        return torch.from_numpy(bits).view(rows, spec.d_proj).to(torch.float32)
+
+    def dense_matrix(self) -> torch.Tensor:
+        """The whole ``R`` [d_proj, dim]; only for tests and tiny models."""
+        n_blocks = -(-self.spec.dim // self.spec.block_size)
+        return torch.cat([self.block(j) for j in range(n_blocks)], dim=0).T.contiguous()
+
+    @torch.no_grad()
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Project rows of ``x`` [n, dim] to [n, d_proj] (float32, on ``x``'s device)."""
+        spec = self.spec
+        if x.dim() != 2 or x.shape[1] != spec.dim:
+            raise ValueError(f"expected vectors of dimension {spec.dim}, got shape {tuple(x.shape)}")
+        x = x.to(torch.float32)
+        out = torch.zeros(x.shape[0], spec.d_proj, dtype=torch.float32, device=x.device)
+        for j, start in enumerate(range(0, spec.dim, spec.block_size)):
+            block = self.block(j).to(x.device)
+            out.addmm_(x[:, start : start + block.shape[0]], block)
+        return out
+
+
+def make_projector(spec: ProjectionSpec) -> RademacherProjector:
+    return RademacherProjector(spec)
