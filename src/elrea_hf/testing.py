@@ -81,3 +81,41 @@ def save_tiny_backbone(path, seed: int = 0) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def tiny_prompt_completion_dataset(n: int = 12, seed: int = 0):
+    """A small conversational prompt-completion data set with three obviously different 'skills'."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    words = ["apple", "fox", "dog", "world", "hello", "strawberry"]
+    rows = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            a, b = rng.randint(1, 30), rng.randint(1, 30)
+            q, ans, task = f"add {a} and {b}", str(a + b), "add"
+        elif kind == 1:
+            w = rng.choice(words)
+            q, ans, task = f"reverse the word {w}", w[::-1], "reverse"
+        else:
+            q, ans, task = f"evaluate true and {rng.choice(['true', 'false'])}", rng.choice(["True", "False"]), "bool"
+        rows.append({"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": ans}],
+                     "task": task, "answer": ans, "id": f"tiny-{i}"})
+    return Dataset.from_list(rows)
+
+
+def tiny_sft_config(output_dir, **overrides):
+    """SFTConfig settings that run on CPU in seconds (bf16 and gradient checkpointing off, plain AdamW)."""
+    from trl import SFTConfig
+
+    kwargs = dict(
+        output_dir=str(output_dir), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        optim="adamw_torch", learning_rate=1e-3, num_train_epochs=2, per_device_train_batch_size=4,
+        max_length=128, report_to=[], save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
