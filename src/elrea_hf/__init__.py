@@ -1,35 +1,12 @@
-"""Ensembles of Low-Rank Expert Adapters (ELREA) for Hugging Face transformers, PEFT and TRL.
-
-Public names are imported lazily, so that ``import elrea_hf`` stays cheap (no torch/transformers
-import until a name that needs them is used).
-"""
-
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING
+"""ELREA (Ensembles of Low-Rank Expert Adapters) for transformers, PEFT and TRL."""
 
 __version__ = "0.1.0"
 
-# public name -> submodule that defines it
-_LAZY_EXPORTS = {
-    "default_backbone": "backbone",
-}
+from .backbone import default_backbone  # noqa: E402
+from .callback import ELREAGradientCallback  # noqa: E402
+from .config import ELREAConfig  # noqa: E402
+from .modeling import ELREAForCausalLM, register_auto_classes  # noqa: E402
 
-__all__ = ["__version__", *_LAZY_EXPORTS]
+register_auto_classes()
 
-if TYPE_CHECKING:
-    from .backbone import default_backbone
-
-
-def __getattr__(name: str):
-    module = _LAZY_EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later look-ups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_EXPORTS))
+__all__ = ["ELREAConfig", "ELREAForCausalLM", "ELREAGradientCallback", "default_backbone", "__version__"]

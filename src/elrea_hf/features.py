@@ -24,8 +24,8 @@ The text after the sentinel is the *generation suffix* (end of the user turn + g
 the *user opener* is the common tail of the text before the sentinel with and without an explicit
 system message. In a rendered prompt, the user content is the text between the last user opener
 and the generation suffix at its very end, i.e. the last user message. Text that shows neither
-marker is plain text, whose tokens are all content. A prompt showing one marker but not the other
-raises :class:`InstructionMaskError`. ``mode="all_prompt"`` puts every prompt token in the loss.
+marker, nor any special token the template writes, is plain text, whose tokens are all content;
+a templated prompt missing either marker raises :class:`InstructionMaskError`. ``mode="all_prompt"`` puts every prompt token in the loss.
 """
 
 from __future__ import annotations
@@ -82,6 +82,9 @@ class InstructionMasker:
                 raise InstructionMaskError("the chat template does not place the user message verbatim")
             before, self.suffix = plain.split(_SENTINEL)
             self.opener = _common_suffix(before, with_system.split(_SENTINEL)[0])
+            # Special tokens the template writes (and plain tokenisation does not add) mark a prompt as templated.
+            plain_specials = set(tokenizer.convert_ids_to_tokens(tokenizer("x", add_special_tokens=True)["input_ids"]))
+            self.template_tokens = [t for t in tokenizer.all_special_tokens if t in plain and t not in plain_specials]
             if not self.opener or not self.suffix:
                 raise InstructionMaskError(
                     "cannot derive the user-turn markers from the chat template; "
@@ -109,7 +112,8 @@ class InstructionMasker:
             return 0, len(text)
         ends_templated = text.endswith(self.suffix)
         opener_at = text.rfind(self.opener, 0, len(text) - len(self.suffix) if ends_templated else None)
-        if not ends_templated and opener_at < 0:
+        templated = ends_templated or opener_at >= 0 or any(t in text for t in self.template_tokens)
+        if not templated:
             return 0, len(text)  # plain text: every token is content
         if not ends_templated:
             raise InstructionMaskError(

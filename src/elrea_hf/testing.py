@@ -119,3 +119,37 @@ def tiny_sft_config(output_dir, **overrides):
     )
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
+
+
+def tiny_ensemble(backbone_dir: str, n_experts: int = 2, d_proj: int = 64, seed: int = 0, n_epochs: int = 2):
+    """An ``ELREAForCausalLM`` on the tiny backbone with random (non-zero) adapters, random Adam
+    state and centroids: what the modeling tests need before a builder has run."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .features import EpochSnapshot, lora_modules
+    from .modeling import ELREAForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(backbone_dir)
+    backbone = AutoModelForCausalLM.from_pretrained(backbone_dir)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(seed)
+    peft = get_peft_model(backbone, LoraConfig(**cfg), adapter_name="base")
+    for c in range(n_experts):
+        peft.add_adapter(f"expert_{c}", LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # make the experts clearly different from each other
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    snaps = []
+    for e in range(n_epochs):
+        w = {n: m.weight.detach().clone() for n, m in lora_modules(peft, "base").items()}
+        snaps.append(EpochSnapshot(
+            epoch=e, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weights=w,
+            exp_avg={n: 1e-3 * torch.randn(t.shape, generator=g) for n, t in w.items()},
+            exp_avg_sq={n: 1e-6 * torch.rand(t.shape, generator=g) for n, t in w.items()},
+            step={n: 10.0 * (e + 1) for n in w}))
+    centroids = torch.nn.functional.normalize(torch.randn(n_experts, d_proj, generator=g), dim=1)
+    return ELREAForCausalLM.from_parts(peft, tok, centroids, snaps, base_model_name_or_path=str(backbone_dir),
+                                       cluster_sizes=[5] * n_experts)
