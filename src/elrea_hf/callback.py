@@ -11,6 +11,7 @@ the callback. Epochs already on disk are reused after ``resume_from_checkpoint``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -78,6 +79,14 @@ def prompt_examples_from_tokenized(dataset, masker: InstructionMasker) -> list[I
     return examples
 
 
+def prompt_fingerprint(examples: list[InstructionExample]) -> str:
+    """Hash of every example's prompt ids and mask, in order: ties features to a data set."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.loss_mask]).encode())
+    return h.hexdigest()
+
+
 @dataclass
 class _EpochLR:
     epoch: int
@@ -120,6 +129,7 @@ class ELREAGradientCallback(TrainerCallback):
         self.projection: ProjectionSpec | None = None
         self.adapter_name: str | None = None
         self.tokenizer = None
+        self.fingerprint: str | None = None
 
     # -- paths ---------------------------------------------------------------------------------
     def snapshot_path(self, epoch: int) -> str:
@@ -146,6 +156,9 @@ class ELREAGradientCallback(TrainerCallback):
         feats, index, _ = load_features(self.features_path)
         return feats, index
 
+    def features_metadata(self) -> dict:
+        return load_features(self.features_path)[2]
+
     # -- hooks ---------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kw):
         self.output_dir = self.output_dir or os.path.join(args.output_dir, "elrea")
@@ -159,6 +172,7 @@ class ELREAGradientCallback(TrainerCallback):
                                          seed=self.projection_seed)
         masker = InstructionMasker(self.tokenizer, mode=self.instruction_tokens)
         self._examples = prompt_examples_from_tokenized(train_dataloader.dataset, masker)
+        self.fingerprint = prompt_fingerprint(self._examples)
         self._lrs = [r for r in self._load_lr_log() if r.step <= state.global_step]
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
@@ -199,7 +213,7 @@ class ELREAGradientCallback(TrainerCallback):
     # -- internals -----------------------------------------------------------------------------
     def _settings(self) -> dict:
         return {"projection": self.projection.to_dict(), "instruction_tokens": self.instruction_tokens,
-                "adapter_name": self.adapter_name}
+                "adapter_name": self.adapter_name, "prompt_fingerprint": self.fingerprint}
 
     def _write_json(self, name, obj):
         path = os.path.join(self.output_dir, name)
