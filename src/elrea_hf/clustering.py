@@ -23,7 +23,6 @@ number of leaves, many more than the requested clusters but far fewer than rows.
 from __future__ import annotations
 
 import math
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -31,8 +30,8 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import Birch
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
+from threadpoolctl import threadpool_limits
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -284,7 +283,7 @@ class GradientClusterer(ClusterMixin, BaseEstimator):
             return np.zeros(n_rows, dtype=np.int64), info
 
         if self.threshold == "auto":
-            threshold, n_leaves_search = _auto_threshold(
+            threshold, search = _auto_threshold(
                 fit_rows,
                 n_clusters,
                 rng,
@@ -292,25 +291,26 @@ class GradientClusterer(ClusterMixin, BaseEstimator):
                 max_search_samples=int(self.threshold_search_samples),
                 branching_factor=int(self.branching_factor),
             )
-            info["n_subclusters_search"] = n_leaves_search
+            info["threshold_search"] = search
         else:
             threshold = float(self.threshold)
+        # Phase 1: the CF-tree only; the global step below replaces sklearn's unweighted one.
         birch = Birch(
             threshold=threshold,
-            n_clusters=n_clusters,
+            n_clusters=None,
             branching_factor=int(self.branching_factor),
             compute_labels=False,
         )
-        with warnings.catch_warnings():
-            # Fewer leaves than clusters: BIRCH returns one cluster per leaf; the caller reports
-            # the reduced count.
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with threadpool_limits(limits=1, user_api="blas"):
             birch.fit(fit_rows)
-        raw = birch.predict(features)
-        _, first_index, inverse = np.unique(raw, return_index=True, return_inverse=True)
-        rank = np.argsort(np.argsort(first_index, kind="stable"), kind="stable")
-        labels = rank[inverse.ravel()].astype(np.int64)
-        info.update(threshold=float(threshold), n_subclusters=len(birch.subcluster_centers_))
+        leaf_centers = birch.subcluster_centers_
+        leaf_of_row = _nearest_center(features, leaf_centers)
+        leaf_sizes = np.bincount(leaf_of_row, minlength=len(leaf_centers))
+        used = np.flatnonzero(leaf_sizes)
+        leaf_labels = np.full(len(leaf_centers), -1, dtype=np.int64)
+        leaf_labels[used] = _weighted_ward(leaf_centers[used], leaf_sizes[used], n_clusters)
+        labels = _first_occurrence_labels(leaf_labels[leaf_of_row])
+        info.update(threshold=float(threshold), n_subclusters=int(used.size))
         return labels, info
 
     # ------------------------------------------------------------------ helpers
@@ -399,10 +399,17 @@ def _spread(rows: np.ndarray) -> float:
 
 
 def _count_leaves(rows: np.ndarray, threshold: float, branching_factor: int) -> int:
+    """Leaves of the CF-tree of ``rows``.
+
+    Building a CF-tree makes thousands of tiny matrix products (one node of at most
+    ``branching_factor + 1`` entries at a time); with several BLAS threads their start-up cost
+    dominates, and on a busy machine it made a fit 20x slower, so BIRCH fits run single-threaded.
+    """
     birch = Birch(
         threshold=threshold, n_clusters=None, branching_factor=branching_factor, compute_labels=False
     )
-    birch.fit(rows)
+    with threadpool_limits(limits=1, user_api="blas"):
+        birch.fit(rows)
     return len(birch.subcluster_centers_)
 
 
@@ -415,10 +422,12 @@ def _auto_threshold(
     max_search_samples: int = 1000,
     branching_factor: int = 50,
     max_iterations: int = 30,
-) -> tuple[float, int]:
-    """BIRCH threshold giving about ``target`` leaves on a seeded subsample (see class docs).
+) -> tuple[float, dict[str, Any]]:
+    """The automatic BIRCH threshold (rule in the `GradientClusterer` docstring).
 
-    Returns the threshold and the leaf count on the subsample.
+    ``min(bisected, cap)``: ``bisected`` gives the CF-tree of a seeded subsample of ``rows`` about
+    ``target`` leaves; ``cap`` is half the median pairwise distance of that subsample (the radius of
+    a leaf holding two typical rows). Returns the threshold and a record of the search.
     """
     n_search = min(rows.shape[0], max_search_samples)
     sample = rows[rng.permutation(rows.shape[0])[:n_search]] if n_search < rows.shape[0] else rows
@@ -428,10 +437,13 @@ def _auto_threshold(
         target = int(target_subclusters)
     target = min(target, n_search)
     high = _spread(sample)
-    if target >= n_search:
+    cap = 0.5 * _median_pairwise_distance(sample)
+    record: dict[str, Any] = {"n_rows": n_search, "target_subclusters": target, "cap": cap}
+    if target >= n_search or cap <= 0.0:
         # Every distinct row its own leaf (exact duplicates still share one).
         threshold = high * 1e-6
-        return threshold, _count_leaves(sample, threshold, branching_factor)
+        record.update(bisected=threshold, n_subclusters=_count_leaves(sample, threshold, branching_factor))
+        return threshold, record
 
     low = 0.0
     best: tuple[float, float, int] | None = None  # (distance from target, threshold, leaves)
@@ -448,7 +460,104 @@ def _auto_threshold(
         else:
             break
     assert best is not None
-    return best[1], best[2]
+    record.update(bisected=best[1], n_subclusters=best[2], capped=best[1] > cap)
+    return min(best[1], cap), record
+
+
+def _median_pairwise_distance(rows: np.ndarray) -> float:
+    """Median Euclidean distance over the distinct pairs of ``rows`` (unit rows: via the Gram)."""
+    if rows.shape[0] < 2:
+        return 0.0
+    gram = rows @ rows.T
+    sq_norms = np.diag(gram)
+    upper = np.triu_indices(rows.shape[0], k=1)
+    sq = sq_norms[upper[0]] + sq_norms[upper[1]] - 2.0 * gram[upper]
+    return float(np.sqrt(np.median(np.clip(sq, 0.0, None))))
+
+
+def _nearest_center(rows: np.ndarray, centers: np.ndarray, chunk_size: int = 4096) -> np.ndarray:
+    """Index of the nearest center (Euclidean, as `Birch.predict`) for every row, in chunks."""
+    centers = centers.astype(rows.dtype, copy=False)
+    center_sq = (centers**2).sum(axis=1)
+    out = np.empty(rows.shape[0], dtype=np.int64)
+    for start in range(0, rows.shape[0], chunk_size):
+        block = rows[start : start + chunk_size]
+        out[start : start + chunk_size] = np.argmin(center_sq[None, :] - 2.0 * block @ centers.T, axis=1)
+    return out
+
+
+def _weighted_ward(centers: np.ndarray, weights: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Ward clustering of BIRCH leaves, each weighted by the number of rows it holds.
+
+    This is BIRCH's global phase as in Zhang et al. (agglomerative clustering of the CF entries):
+    merging clusters ``a`` and ``b`` costs the increase of the within-cluster sum of squares of the
+    rows they represent, ``n_a n_b / (n_a + n_b) * ||mu_a - mu_b||^2``. sklearn's ``Birch`` clusters
+    the leaf centres unweighted instead, so a leaf holding one outlier counts as much as one holding
+    hundreds of rows, and outlier leaves form clusters of their own. Nearest-neighbour chain with
+    the Lance-Williams update: O(S^2) time and memory for S leaves. Returns labels in ``0..k-1``.
+    """
+    n_leaves = centers.shape[0]
+    if n_leaves <= n_clusters:
+        return np.arange(n_leaves, dtype=np.int64)
+    centers = centers.astype(np.float64)
+    size = weights.astype(np.float64).copy()
+    sq_norms = (centers**2).sum(axis=1)
+    sq_dist = np.clip(sq_norms[:, None] + sq_norms[None, :] - 2.0 * centers @ centers.T, 0.0, None)
+    cost = size[:, None] * size[None, :] / (size[:, None] + size[None, :]) * sq_dist
+    np.fill_diagonal(cost, np.inf)
+    active = np.ones(n_leaves, dtype=bool)
+    merges: list[tuple[float, int, int]] = []
+    chain: list[int] = []
+    while len(merges) < n_leaves - 1:
+        if not chain:
+            chain.append(int(np.flatnonzero(active)[0]))
+        a = chain[-1]
+        row = cost[a]
+        b = int(np.argmin(row))
+        if len(chain) > 1 and row[chain[-2]] <= row[b]:
+            b = chain[-2]
+        if len(chain) > 1 and b == chain[-2]:
+            chain.pop()
+            chain.pop()
+            ab = row[b]
+            merges.append((float(ab), a, b))
+            # Lance-Williams update for Ward; the merged cluster lives in slot a.
+            others = active.copy()
+            others[[a, b]] = False
+            n_k = size[others]
+            updated = ((size[a] + n_k) * cost[a, others] + (size[b] + n_k) * cost[b, others] - n_k * ab) / (
+                size[a] + size[b] + n_k
+            )
+            cost[a, others] = updated
+            cost[others, a] = updated
+            cost[b, :] = np.inf
+            cost[:, b] = np.inf
+            size[a] += size[b]
+            active[b] = False
+        else:
+            chain.append(b)
+    # Ward is reducible, so the merges sorted by cost form the hierarchy; cut it at n_clusters.
+    order = sorted(range(len(merges)), key=lambda i: (merges[i][0], i))
+    parent = np.arange(n_leaves)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in order[: n_leaves - n_clusters]:
+        _, a, b = merges[i]
+        parent[find(b)] = find(a)
+    roots = np.array([find(i) for i in range(n_leaves)])
+    return _first_occurrence_labels(roots)
+
+
+def _first_occurrence_labels(raw: np.ndarray) -> np.ndarray:
+    """Relabel ``raw`` to contiguous ``0..C-1`` in order of first occurrence."""
+    _, first_index, inverse = np.unique(raw, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first_index, kind="stable"), kind="stable")
+    return rank[inverse.ravel()].astype(np.int64)
 
 
 def _normalised_means(features: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:

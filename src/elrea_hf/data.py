@@ -159,7 +159,7 @@ def _addition(rng: random.Random) -> _Item:
             "{a} + {b} = ?",
         )
     )
-    return _Item(f"{a}+{b}", template.format(a=a, b=b), str(a + b))
+    return _Item(f"{min(a, b)}+{max(a, b)}", template.format(a=a, b=b), str(a + b))  # 12+30 is 30+12
 
 
 def _subtraction(rng: random.Random) -> _Item:
@@ -311,7 +311,7 @@ def _compare(rng: random.Random) -> _Item:
             "Return the maximum of {a} and {b}.",
         )
     )
-    return _Item(f"{a},{b}", template.format(a=a, b=b), str(max(a, b)))
+    return _Item(f"{min(a, b)},{max(a, b)}", template.format(a=a, b=b), str(max(a, b)))
 
 
 _UNITS = (("meters", "centimeters", 100), ("kilometers", "meters", 1000), ("centimeters", "millimeters", 10))
@@ -367,6 +367,7 @@ SKILLS: dict[str, Callable[[str, str], bool]] = {skill.name: skill.check for ski
 DEFAULT_SKILLS: tuple[str, ...] = tuple(SKILLS)
 
 _TEST_MODULUS = 5  # one problem in five belongs to the test side
+_MAX_MISSES = 50_000  # consecutive draws without a new instruction before a skill counts as exhausted
 
 
 def _is_test_problem(task: str, key: str) -> bool:
@@ -424,17 +425,18 @@ def skill_mixture(
         skill = ALL_SKILLS[name]
         rng = random.Random(f"{seed}-{split}-{name}")
         seen: set[str] = set()
-        attempts = 0
+        misses = 0
         while len(seen) < n:
-            attempts += 1
-            if attempts > 200 * n + 20_000:
-                raise ValueError(
-                    f"skill {name!r} has only {len(seen)} distinct {split} instructions within reach; "
-                    f"ask for n <= {len(seen)}"
-                )
             item = skill.sample(rng)
             if _is_test_problem(name, item.key) != want_test or item.instruction in seen:
+                misses += 1
+                if misses > _MAX_MISSES:
+                    raise ValueError(
+                        f"skill {name!r} has only {len(seen)} distinct {split} instructions; "
+                        f"ask for n <= {len(seen)}"
+                    )
                 continue
+            misses = 0
             seen.add(item.instruction)
             rows.append(_row(item.instruction, item.answer, name, item.answer, f"mixture-{split}-{name}-{len(seen) - 1}", "mixture"))
     return _to_dataset(rows)
@@ -562,6 +564,10 @@ def load_shared_jsonl(
         ValueError: a line is not JSON or lacks one of ``id, source, category, instruction,
             response, answer`` (the message names the file and line).
     """
+    return _to_dataset(_shared_rows(name_or_path, n, seed, completion, task_from))
+
+
+def _shared_rows(name_or_path, n: int | None, seed: int, completion: str, task_from: str) -> list[dict[str, Any]]:
     _check_completion_arg(completion)
     if task_from not in ("category", "source"):
         raise ValueError(f"task_from must be 'category' or 'source', got {task_from!r}")
@@ -582,7 +588,7 @@ def load_shared_jsonl(
         rows.append(_row(record["instruction"], target, str(task), str(record["answer"]), str(record["id"]), str(record["source"])))
     if stand_ins:
         logger.info(f"{path.name}: {stand_ins} records have no response; their answer is the completion.")
-    return _to_dataset(_subsample(rows, n, seed))
+    return _subsample(rows, n, seed)
 
 
 def math_combined(split: str = "train", n_per_source: int | None = None, seed: int = 0) -> Dataset:
@@ -603,7 +609,7 @@ def math_combined(split: str = "train", n_per_source: int | None = None, seed: i
         names.append("mathqa_dev")
     rows = []
     for name in names:
-        rows += load_shared_jsonl(name, n=n_per_source, seed=seed, task_from="source").to_list()
+        rows += _shared_rows(name, n_per_source, seed, completion="response", task_from="source")
     return _to_dataset(rows)
 
 
