@@ -1,6 +1,7 @@
 """GradientClusterer (BIRCH + balancing + guard) and the cluster reports, on small synthetic
 unit-norm blobs."""
 
+import json
 import logging
 
 import numpy as np
@@ -173,6 +174,7 @@ def test_same_input_and_seed_give_identical_labels():
     np.testing.assert_array_equal(first.labels_, second.labels_)
     np.testing.assert_array_equal(first.centroids_, second.centroids_)
     assert first.report_ == second.report_
+    json.dumps(first.report_)  # stored in the bundle's cluster report
 
 
 def test_fixed_threshold_and_sklearn_clone():
