@@ -61,9 +61,9 @@ def normalize_answer(text: str) -> str:
         text = text.strip()
         if text.endswith("."):
             text = text[:-1]
-        if len(text) >= 1 and text[0] in _QUOTES:
+        if text and text[0] in _QUOTES:
             text = text[1:]
-        if len(text) >= 1 and text[-1] in _QUOTES:
+        if text and text[-1] in _QUOTES:
             text = text[:-1]
     return text
 
