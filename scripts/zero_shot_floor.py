@@ -42,6 +42,8 @@ def greedy_answers(model, tokenizer, prompts, batch_size: int, max_new_tokens: i
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
+            stop_strings="\n",  # only the first line is checked
+            tokenizer=tokenizer,
         )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

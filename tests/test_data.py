@@ -97,7 +97,7 @@ def test_every_answer_passes_its_checker_and_another_answer_fails():
         ("unit_conversion", "1,200", "1200", True),
         ("uppercase", "'GAME'", "GAME", True),
         ("uppercase", "game", "GAME", False),
-        ("next_weekday", "monday.", "Monday", True),
+        ("weekday_after", "monday.", "Monday", True),
         ("boolean", "`false`", "False", True),
         ("first_letters", "FTH", "fth", True),
         ("sort_words", "berry peach  tree", "berry, peach, tree", True),

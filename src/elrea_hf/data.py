@@ -286,24 +286,34 @@ def _boolean(rng: random.Random) -> _Item:
     return _Item(expression, template.format(e=expression), str(_evaluate_boolean(expression)))
 
 
-def _next_weekday(rng: random.Random) -> _Item:
-    index = rng.randrange(7)
-    day, nxt = _WEEKDAYS[index], _WEEKDAYS[(index + 1) % 7]
+def _weekday_after(rng: random.Random) -> _Item:
+    index, offset = rng.randrange(7), rng.choice((1, 2))
+    day, answer = _WEEKDAYS[index], _WEEKDAYS[(index + offset) % 7]
     name, event = rng.choice(_NAMES), rng.choice(_EVENTS)
-    template = rng.choice(
-        (
+    templates = {
+        1: (
             "If today is {d}, what day is tomorrow?",
             "What day of the week comes right after {d}?",
             "{n}'s {e} is on {d}. The next one is one day later. On which day is it?",
             "{n} arrives on {d} and leaves the following day. Which day does {n} leave?",
-        )
-    )
-    instruction = template.format(d=day, n=name, e=event)
-    return _Item(instruction, instruction, nxt)
+        ),
+        2: (
+            "If today is {d}, what day is the day after tomorrow?",
+            "What day of the week is two days after {d}?",
+            "{n}'s {e} is on {d}. The next one is two days later. On which day is it?",
+            "{n} arrives on {d} and leaves two days later. Which day does {n} leave?",
+        ),
+    }
+    instruction = rng.choice(templates[offset]).format(d=day, n=name, e=event)
+    return _Item(instruction, instruction, answer)
 
 
 def _compare(rng: random.Random) -> _Item:
-    a, b = rng.sample(range(10, 1000), 2)
+    a = rng.randint(100, 999)
+    if rng.random() < 0.5:  # same hundreds digit: the comparison needs the other digits
+        b = rng.choice([x for x in range(a // 100 * 100, a // 100 * 100 + 100) if x != a])
+    else:
+        b = rng.choice([x for x in range(100, 1000) if x // 100 != a // 100])
     template = rng.choice(
         (
             "Which number is larger: {a} or {b}?",
@@ -353,8 +363,8 @@ _ALL_SKILLS = (
     Skill("first_letters", "first letters of three words, joined", _first_letters, check_exact_casefold),
     Skill("word_count", "number of words (2-6) in a text", _word_count, check_integer),
     Skill("boolean", "truth value of a 2-operator boolean expression", _boolean, check_exact_casefold),
-    Skill("next_weekday", "the day after a given weekday", _next_weekday, check_exact_casefold),
-    Skill("compare", "the larger of two numbers", _compare, check_integer),
+    Skill("weekday_after", "the weekday one or two days after a given one", _weekday_after, check_exact_casefold),
+    Skill("compare", "the larger of two 3-digit numbers", _compare, check_integer),
     Skill("unit_conversion", "metric length conversion by 10, 100 or 1000", _unit_conversion, check_integer),
     Skill("sort_words", "three words in alphabetical order", _sort_words, check_word_list),
 )
