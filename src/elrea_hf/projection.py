@@ -1,5 +1,15 @@
 """Seeded random projection of gradient vectors (paper eq 6).
 
+Two kinds, both generated block-wise from a seed and never held whole:
+
+* ``"rademacher"`` (default, the paper's): dense ``R`` in {-1, +1}^(d_proj x dim);
+* ``"countsketch"``: every input coordinate goes to one output coordinate with a random sign
+  (a sparse JL transform with one non-zero per column). Inner products are preserved in
+  expectation with the same order of error as the dense one at ``d_proj`` = 8192, at a small
+  fraction of the cost: the dense kind costs ``dim x d_proj`` sign generations and multiply-adds
+  per call, which on a CPU is comparable to the forward/backward pass itself.
+  ``elrea-hf bench features`` measures distortion and clustering agreement against the dense one.
+
 The projection matrix ``R`` in {-1, +1}^(d_proj x dim) is never held whole: it is generated in
 blocks of ``block_size`` input coordinates, block ``j`` from a Philox counter-based generator keyed
 by ``(seed, j)``. Philox's raw stream is specified bit-for-bit by numpy, so the same seed gives the
@@ -33,6 +43,9 @@ class ProjectionSpec:
         return cls(**{k: d[k] for k in ("dim", "d_proj", "seed", "block_size", "kind") if k in d})
 
 
+PROJECTION_KINDS = ("rademacher", "countsketch")
+
+
 class RademacherProjector:
     """``project(x) = x @ R.T`` with i.i.d. uniform +-1 entries (eq 6), generated block-wise.
 
@@ -42,7 +55,7 @@ class RademacherProjector:
 
     def __init__(self, spec: ProjectionSpec):
         if spec.kind != "rademacher":
-            raise ValueError(f"unknown projection kind {spec.kind!r}; supported: 'rademacher'")
+            raise ValueError(f"RademacherProjector needs kind='rademacher', got {spec.kind!r}")
         if spec.d_proj % 8:
             raise ValueError(f"d_proj must be a multiple of 8, got {spec.d_proj}")
         if spec.dim <= 0:
@@ -80,5 +93,53 @@ class RademacherProjector:
         return out
 
 
-def make_projector(spec: ProjectionSpec) -> RademacherProjector:
-    return RademacherProjector(spec)
+class CountSketchProjector:
+    """``project(x)[:, h(i)] += s(i) * x[:, i]``: one random bucket ``h(i)`` and sign ``s(i)`` per
+    input coordinate, drawn block by block from Philox keyed by ``(seed, block)`` (so, like the
+    dense kind, independent of batch size, chunking and process count)."""
+
+    def __init__(self, spec: ProjectionSpec):
+        if spec.kind != "countsketch":
+            raise ValueError(f"CountSketchProjector needs kind='countsketch', got {spec.kind!r}")
+        if spec.dim <= 0 or spec.d_proj <= 0:
+            raise ValueError(f"projection dimensions must be positive, got dim={spec.dim}, d_proj={spec.d_proj}")
+        self.spec = spec
+
+    def block(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buckets [rows] (int64) and signs [rows] (float32) of input block ``j``."""
+        spec = self.spec
+        rows = min(spec.block_size, spec.dim - j * spec.block_size)
+        raw = np.random.Philox(key=[spec.seed, j]).random_raw(rows)
+        buckets = torch.from_numpy((raw % np.uint64(spec.d_proj)).astype(np.int64))
+        signs = torch.from_numpy(((raw >> np.uint64(63)).astype(np.float32) * 2.0 - 1.0))
+        return buckets, signs
+
+    def dense_matrix(self) -> torch.Tensor:
+        """The equivalent dense ``R`` [d_proj, dim]; only for tests and tiny models."""
+        out = torch.zeros(self.spec.d_proj, self.spec.dim)
+        for j, start in enumerate(range(0, self.spec.dim, self.spec.block_size)):
+            buckets, signs = self.block(j)
+            out[buckets, torch.arange(start, start + len(buckets))] = signs
+        return out
+
+    @torch.no_grad()
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if x.dim() != 2 or x.shape[1] != spec.dim:
+            raise ValueError(f"expected vectors of dimension {spec.dim}, got shape {tuple(x.shape)}")
+        x = x.to(torch.float32)
+        out = torch.zeros(x.shape[0], spec.d_proj, dtype=torch.float32, device=x.device)
+        for j, start in enumerate(range(0, spec.dim, spec.block_size)):
+            buckets, signs = self.block(j)
+            part = x[:, start : start + len(buckets)] * signs.to(x.device)
+            out.index_add_(1, buckets.to(x.device), part)
+        return out
+
+
+def make_projector(spec: ProjectionSpec) -> RademacherProjector | CountSketchProjector:
+    """The projector of ``spec.kind`` (``"rademacher"`` or ``"countsketch"``)."""
+    if spec.kind == "rademacher":
+        return RademacherProjector(spec)
+    if spec.kind == "countsketch":
+        return CountSketchProjector(spec)
+    raise ValueError(f"unknown projection kind {spec.kind!r}; supported: {', '.join(PROJECTION_KINDS)}")
