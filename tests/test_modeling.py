@@ -205,3 +205,18 @@ def test_push_to_hub_uploads_every_bundle_file(ensemble, monkeypatch):
                      "README.md", "tokenizer.json", "generation_config.json"):
         assert required in names, (required, names)
     assert calls["files"]["README.md"] == b"# my ELREA model\n"
+
+
+def test_zero_weight_experts_are_not_run_and_do_not_change_the_logits(ensemble, monkeypatch):
+    enc = _batch(ensemble.tokenizer, PROMPTS[:2])
+    w = torch.tensor([[0.2, 0.0, 0.8], [0.4, 0.6, 0.0]])  # top-1 routing: one expert per prompt
+    seen = []
+    real = type(ensemble.peft_model).forward
+    monkeypatch.setattr(type(ensemble.peft_model), "forward",
+                        lambda self, *a, **k: seen.append(list(k["adapter_names"])) or real(self, *a, **k))
+    out = ensemble(**enc, routing_weights=w)
+    assert seen == [["base", "expert_1", "base", "expert_0"]]
+    monkeypatch.undo()
+    full = sum(w[:, i, None, None] * ensemble(**enc, routing_weights=torch.eye(3)[i].expand(2, 3)).logits
+               for i in range(3))
+    torch.testing.assert_close(out.logits, full, rtol=1e-5, atol=1e-5)

@@ -350,19 +350,26 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"routing_weights must have shape ({batch}, {n_adapters}), "
                                  f"got {tuple(routing_weights.shape)}")
 
+        # One row per (prompt, adapter) pair with a non-zero weight: top-k / min-weight routing
+        # then saves the work of the dropped experts. The weights are fixed for a whole generate
+        # call, so the row layout (and the KV cache built on it) is the same at every step.
+        keep = routing_weights.detach().cpu() != 0
+        keep[keep.sum(1) == 0, 0] = True  # a prompt with every weight 0 still needs a row
+        prompt_of, adapter_of = keep.nonzero(as_tuple=True)
+
         def rows(t):
-            return None if t is None else t.repeat_interleave(n_adapters, dim=0)
+            return None if t is None else t[prompt_of.to(t.device)]
 
         self.peft_model.eval()
         out = self.peft_model(
             input_ids=rows(input_ids), attention_mask=rows(attention_mask), position_ids=rows(position_ids),
             cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep,
-            adapter_names=self.adapter_names * batch, **kwargs,
+            adapter_names=[self.adapter_names[a] for a in adapter_of.tolist()], **kwargs,
         )
         logits = out.logits.float()
-        logits = logits.view(batch, n_adapters, *logits.shape[1:])
-        w = routing_weights.to(logits.device, logits.dtype).view(batch, n_adapters, *([1] * (logits.dim() - 2)))
-        combined = (logits * w).sum(dim=1)
+        w = routing_weights.to(logits.device, logits.dtype)[prompt_of, adapter_of]
+        combined = torch.zeros((batch, *logits.shape[1:]), device=logits.device, dtype=logits.dtype)
+        combined.index_add_(0, prompt_of.to(logits.device), logits * w.view(-1, *([1] * (logits.dim() - 1))))
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
