@@ -1,4 +1,5 @@
-"""``elrea-hf`` command line: ``demo`` (the whole pipeline on the embedded default) and ``build``."""
+"""``elrea-hf`` command line: ``demo`` (the whole pipeline on the embedded default), ``build`` and
+``eval`` (accuracy of a bundle)."""
 
 from __future__ import annotations
 
@@ -134,6 +135,18 @@ def cmd_demo(args):
     print(f"\noutputs in {out_dir}: bundle/ and results.json ({time.time() - t0:.0f} s)")
 
 
+def cmd_eval(args):
+    from .evaluation import evaluate_bundle, format_accuracy_table
+
+    results = evaluate_bundle(args.bundle, args.data, method=args.method, n=args.n, seed=args.seed,
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    print(format_accuracy_table(results))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        print(f"results written to {args.output}")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="elrea-hf", description=__doc__)
@@ -146,10 +159,29 @@ def main(argv=None):
     build.add_argument("--output-dir", default="elrea-build")
     _add_training_args(build, n_train=100, n_test=0)
     build.set_defaults(func=cmd_build)
+    evaluate = sub.add_parser("eval", help="greedy-generation accuracy of a bundle, per category and micro-averaged")
+    evaluate.add_argument("bundle", help="bundle folder or Hub id")
+    evaluate.add_argument("--data", required=True,
+                          help="'mixture', 'math-combined', a shared/data file name (gsm8k_test, bbh_shared) or a JSONL path")
+    evaluate.add_argument("--method", choices=("elrea", "base"), default="elrea",
+                          help="the routed ensemble, or the bundle's base adapter only")
+    evaluate.add_argument("--n", type=int, default=None, help="at most this many examples")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="default: 16 for short answers, 512 for math solutions")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the example draw")
+    evaluate.add_argument("--output", default=None, help="write all results (and every generation) to this JSON file")
+    evaluate.set_defaults(func=cmd_eval)
+    bench = sub.add_parser("bench", help="benchmarks that print figures (see elrea_hf.bench_perf)")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True)
+    from .bench_perf import add_parsers as add_perf_benchmarks
+
+    add_perf_benchmarks(bench_sub)
+    bench.set_defaults(func=lambda a: a.bench(a))
     args = parser.parse_args(argv)
     _reexec_with_malloc_settings(argv)
-    if os.path.exists(os.path.join(args.output_dir, "bundle")) and os.listdir(os.path.join(args.output_dir, "bundle")) \
-            and not args.overwrite:
+    if getattr(args, "output_dir", None) and os.path.exists(os.path.join(args.output_dir, "bundle")) \
+            and os.listdir(os.path.join(args.output_dir, "bundle")) and not args.overwrite:
         parser.error(f"{args.output_dir}/bundle exists; pass --overwrite or another --output-dir")
     args.func(args)
 
