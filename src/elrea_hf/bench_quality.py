@@ -113,27 +113,15 @@ def _data(args):
 
 
 def _checker(args):
-    """``check(task, prediction, answer)``: the mixture's skill checkers, or for math the boxed /
-    last-number answer (evaluation's math parser when it exists)."""
+    """``check(task, prediction, answer)``: the mixture's skill checkers, or for math the last
+    ``\\boxed{}`` / final-number answer with numeric normalisation (``evaluation``)."""
     if args.data == "mixture":
         from .data import check_answer
 
         return check_answer
-    from . import evaluation
+    from .evaluation import math_answers_match
 
-    parser = getattr(evaluation, "check_math_answer", None)
-    if parser is not None:
-        return lambda task, pred, ans: parser(pred, ans)
-    import re
-
-    from .data import normalize_answer
-
-    def check(task, pred, ans):
-        boxed = re.findall(r"\\boxed\{([^{}]*)\}", pred)
-        got = boxed[-1] if boxed else (re.findall(r"-?\d[\d,]*\.?\d*", pred) or [""])[-1]
-        return normalize_answer(got).replace(",", "") == normalize_answer(ans).replace(",", "")
-
-    return check
+    return lambda task, pred, ans: math_answers_match(pred, ans)
 
 
 def _score(preds, test, check, whole_text: bool):
@@ -191,12 +179,21 @@ def _cached_predictions(work_dir, name, key, fn):
 
 
 def _cached_tensor(path, key, fn):
+    """A tensor (or flat dict of tensors) computed once and kept as safetensors (never pickle)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     if os.path.isfile(path):
-        saved = torch.load(path, weights_only=True)
-        if saved.get("key") == key:
-            return saved["value"]
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("key") == key:
+            tensors = load_file(path)
+            return tensors["value"] if meta.get("single") == "1" else tensors
     value = fn()
-    torch.save({"key": key, "value": value}, path + ".tmp")
+    single = isinstance(value, torch.Tensor)
+    tensors = {"value": value} if single else value
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp",
+              metadata={"key": key, "single": "1" if single else "0"})
     os.replace(path + ".tmp", path)
     return value
 
@@ -233,7 +230,7 @@ def _embedding_clusters(args, train, test, work):
     from .clustering import GradientClusterer
     from .routing import cluster_centroids
 
-    path = os.path.join(work, "instruction_embedding.pt")
+    path = os.path.join(work, "instruction_embedding.safetensors")
     key = _fingerprint([train["prompt"], test["prompt"], args.clusters, args.seed, args.embedding_model])
 
     def compute():
@@ -298,7 +295,7 @@ def run(args) -> dict:
     def route():
         return torch.cat([ensemble.route(prompts[i : i + 32]) for i in range(0, len(prompts), 32)])
 
-    weights = stages.run("elrea_routing", lambda: _cached_tensor(os.path.join(work, "elrea_routing.pt"),
+    weights = stages.run("elrea_routing", lambda: _cached_tensor(os.path.join(work, "elrea_routing.safetensors"),
                                                                  pkey, route))
     expert_cfg = _sft_config(os.path.join(work, "runs"), args, args.expert_lr)
     preds: dict[str, list[str]] = {}

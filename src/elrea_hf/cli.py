@@ -177,6 +177,9 @@ def main(argv=None):
     from .bench_perf import add_parsers as add_perf_benchmarks
 
     add_perf_benchmarks(bench_sub)
+    from .bench_quality import add_parser as add_quality_benchmark
+
+    add_quality_benchmark(bench_sub)
     bench.set_defaults(func=lambda a: a.bench(a))
     args = parser.parse_args(argv)
     _reexec_with_malloc_settings(argv)
