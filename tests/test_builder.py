@@ -103,3 +103,18 @@ def test_features_of_another_dataset_are_refused(tmp_path):
     trainer.train_dataset = trainer.train_dataset.select(range(10))
     with pytest.raises(ValueError, match="describe 18 examples"):
         _builder(trainer, cb)
+
+
+def test_features_out_of_order_with_the_dataset_are_refused(tmp_path):
+    trainer, cb = _trained(tmp_path)
+    trainer.train_dataset = trainer.train_dataset.select(list(reversed(range(18))))
+    with pytest.raises(ValueError, match="do not align with the training data set: feature row 0 is data-set example 0"):
+        _builder(trainer, cb)
+
+
+def test_from_model_refuses_a_plain_text_dataset(tmp_path):
+    from datasets import Dataset
+
+    text = Dataset.from_list([{"text": "add 1 and 2 gives 3"}])
+    with pytest.raises(ValueError, match=r"prompt/completion data set; missing columns \['completion', 'prompt'\]"):
+        ELREABuilder.from_model(str(tmp_path), text, LoraConfig(**LORA), tiny_sft_config(tmp_path))

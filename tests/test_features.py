@@ -166,3 +166,34 @@ def test_snapshot_roundtrip(tmp_path, tiny_model):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(OSError, match="bad.safetensors"):
         EpochSnapshot.load(tmp_path / "bad.safetensors")
+
+
+def test_non_finite_gradient_names_the_caller_example_ids(tiny_model, tokenizer):
+    model = _peft(tiny_model)
+    examples = examples_from_prompts(InstructionMasker(tokenizer), PROMPTS)
+    # A token only prompt 2 contains embeds to NaN: only that example's gradient is NaN.
+    others = {t for i, e in enumerate(examples) if i != 2 for t in e.input_ids}
+    token = next(t for t in examples[2].input_ids if t not in others)
+    model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, out: out.masked_fill((inputs[0] == token)[..., None], float("nan")))
+    dim = sum(m.weight.numel() for m in lora_modules(model, "default").values())
+    spec = ProjectionSpec(dim=dim, d_proj=64)
+    with pytest.raises(ValueError, match=r"non-finite.*\['ex-c'\]"):
+        instruction_gradient_features(model, [_snapshot(model, 0)], examples, spec, batch_size=2,
+                                      example_ids=["ex-a", "ex-b", "ex-c", "ex-d", "ex-e"])
+
+
+def test_snapshot_of_another_adapter_shape_is_refused(tmp_path, tokenizer):
+    from elrea_hf.testing import tiny_llama
+
+    small, large = _peft(tiny_llama(tokenizer)), get_peft_model(
+        tiny_llama(tokenizer), LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    _snapshot(large, 0).save(tmp_path / "epoch_0.safetensors")
+    snap = EpochSnapshot.load(tmp_path / "epoch_0.safetensors")
+    dim = sum(m.weight.numel() for m in lora_modules(small, "default").values())
+    examples = examples_from_prompts(InstructionMasker(tokenizer), PROMPTS[:2])
+    with pytest.raises(ValueError, match=r"epoch_0\.safetensors.*lora_A\.weight has shape \(8, 32\) there, \(4, 32\)"):
+        instruction_gradient_features(small, [snap], examples, ProjectionSpec(dim=dim, d_proj=64))
+    other_targets = get_peft_model(tiny_llama(tokenizer), LoraConfig(r=4, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match=r"epoch_0\.safetensors does not match adapter 'default'.*names 8 LoRA weights"):
+        instruction_gradient_features(other_targets, [snap], examples, ProjectionSpec(dim=dim, d_proj=64))

@@ -26,9 +26,15 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
-from .callback import ELREAGradientCallback, prompt_examples_from_tokenized, prompt_fingerprint
+from .callback import (
+    ELREAGradientCallback,
+    prepared_example_positions,
+    prompt_examples_from_tokenized,
+    prompt_fingerprint,
+)
 from .clustering import GradientClusterer, cluster_report, format_cluster_report
-from .features import InstructionMasker, load_features, lora_state
+from .feature_store import FeatureStore
+from .features import InstructionMasker, lora_state
 from .routing import RoutingConfig, cluster_centroids
 
 logger = logging.get_logger(__name__)
@@ -44,6 +50,14 @@ def _is_main_process() -> bool:
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _broadcast_from_main(obj):
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class ELREABuilder:
@@ -114,25 +128,44 @@ class ELREABuilder:
     # ------------------------------------------------------------------------------------------
     def _checked_features(self):
         path = self.callback.features_path
-        if not os.path.isfile(path):
+        if not FeatureStore.exists(path):
             raise FileNotFoundError(f"no ELREA features at {path}: train with ELREAGradientCallback first")
-        features, index, meta = load_features(path)
-        n = len(self.train_dataset)
-        if features.shape[0] != n or index.tolist() != list(range(n)):
-            raise ValueError(f"the features in {path} describe {features.shape[0]} examples but the training data "
-                             f"set has {n}; features and data must come from the same run")
+        store = FeatureStore(path)
+        meta, n = store.meta, len(self.train_dataset)
+        positions, _ = prepared_example_positions(self.train_dataset, self.sft_config)
+        dropped = meta.get("dropped_examples") or []
+        if store.n != n:
+            raise ValueError(
+                f"the features in {path} describe {store.n} examples but the training data set has {n}"
+                + (f" (SFTTrainer dropped data-set positions {dropped[:20]} before the features were computed)"
+                   if dropped else "")
+                + "; features and data must come from the same run (pass the trainer's prepared train_dataset)"
+            )
+        index = store.example_index.tolist()
+        if index != positions:
+            first = next(i for i, (a, b) in enumerate(zip(index, positions)) if a != b)
+            raise ValueError(
+                f"the features in {path} do not align with the training data set: feature row {first} is data-set "
+                f"example {index[first]}, the data set's row {first} is example {positions[first]}; features and "
+                "data must come from the same run, in the same order"
+            )
         masker = InstructionMasker(self.tokenizer, mode=meta.get("instruction_tokens", "user_content"))
-        fingerprint = prompt_fingerprint(prompt_examples_from_tokenized(self.train_dataset, masker))
+        fingerprint = prompt_fingerprint(prompt_examples_from_tokenized(self.train_dataset, masker, positions))
         if meta.get("prompt_fingerprint") not in (None, fingerprint):
             raise ValueError(f"the features in {path} were computed on different prompts (or another order) "
                              "than this training data set")
-        return features, meta
+        if dropped:
+            logger.warning(f"ELREA: data-set positions {dropped[:20]}{' ...' if len(dropped) > 20 else ''} were "
+                           "dropped by SFTTrainer's preparation; they are in no cluster and train no expert")
+        return store.features(), meta
 
     def cluster(self) -> np.ndarray:
         """Fit the clusterer on the features; returns labels and fills ``report_``."""
         labels = self.clusterer.fit_predict(self.features.numpy())
+        # Every process must train the same experts: take the main process's clustering.
+        labels, report = _broadcast_from_main((np.asarray(labels), getattr(self.clusterer, "report_", {})))
         columns = {c: list(self.train_dataset[c]) for c in LABEL_COLUMNS if c in self.train_dataset.column_names}
-        self.report_ = {**cluster_report(labels, **columns), "clusterer": getattr(self.clusterer, "report_", {})}
+        self.report_ = {**cluster_report(labels, **columns), "clusterer": report}
         self.labels_ = np.asarray(labels)
         logger.info("ELREA clusters:\n" + format_cluster_report(self.report_))
         return self.labels_

@@ -31,15 +31,14 @@ a templated prompt missing either marker raises :class:`InstructionMaskError`. `
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
-from .projection import ProjectionSpec, RademacherProjector
+from .projection import ProjectionSpec, make_projector
 
 logger = logging.get_logger(__name__)
 
@@ -181,10 +180,37 @@ class EpochSnapshot:
     exp_avg: dict[str, torch.Tensor]
     exp_avg_sq: dict[str, torch.Tensor]
     step: dict[str, float] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)  # the file it was loaded from
 
     @property
     def names(self) -> list[str]:
         return sorted(self.weights)
+
+    def _describe(self) -> str:
+        return f"gradient state {self.source}" if self.source else f"the gradient state of epoch {self.epoch}"
+
+    def check_matches(self, modules: dict[str, torch.nn.Module], adapter_name: str = "default") -> None:
+        """Refuse a snapshot of another model or adapter shape (or with non-finite values), naming the
+        file and the first offending parameter, before any tensor arithmetic would fail obscurely."""
+        where = self._describe()
+        missing, extra = sorted(set(modules) - set(self.weights)), sorted(set(self.weights) - set(modules))
+        if missing or extra:
+            raise ValueError(
+                f"{where} does not match adapter {adapter_name!r}: it names {len(self.weights)} LoRA weights, the "
+                f"adapter has {len(modules)} (missing e.g. {missing[:2]}, unexpected e.g. {extra[:2]}); it was "
+                "written for another model or LoRA configuration"
+            )
+        for name, module in modules.items():
+            want = tuple(module.weight.shape)
+            for kind, tensors in (("weight", self.weights), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                got = tuple(tensors[name].shape)
+                if got != want:
+                    raise ValueError(
+                        f"{where} does not match adapter {adapter_name!r}: {kind} of {name} has shape {got} there, "
+                        f"{want} in the model (another LoRA rank or model?)"
+                    )
+                if not torch.isfinite(tensors[name]).all():
+                    raise ValueError(f"{where} has non-finite values in {kind} of {name}")
 
     def save(self, path: str) -> None:
         tensors = {}
@@ -217,7 +243,8 @@ class EpochSnapshot:
             raise OSError(f"gradient state {path} is incomplete: weights and Adam moments name different parameters")
         return cls(epoch=int(meta["epoch"]), lr=float(meta["lr"]), beta1=float(meta["beta1"]),
                    beta2=float(meta["beta2"]), eps=float(meta["eps"]), weights=groups["weight"],
-                   exp_avg=groups["exp_avg"], exp_avg_sq=groups["exp_avg_sq"], step=groups["step"])
+                   exp_avg=groups["exp_avg"], exp_avg_sq=groups["exp_avg_sq"], step=groups["step"],
+                   source=str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,7 +428,21 @@ def _chunk_rows(dim: int, budget_bytes: int = 1 << 30) -> int:
     return max(8, budget_bytes // (4 * dim))
 
 
-def instruction_gradient_features(
+def _check_setup(model, snapshots, projection: ProjectionSpec, adapter_name: str):
+    if not snapshots:
+        raise ValueError("at least one epoch snapshot is needed")
+    modules = lora_modules(model, adapter_name)
+    for snap in snapshots:
+        snap.check_matches(modules, adapter_name)
+    names = list(modules)
+    numels = [modules[n].weight.numel() for n in names]
+    if projection.dim != sum(numels):
+        raise ValueError(f"projection expects gradients of dimension {projection.dim}, adapter {adapter_name!r} "
+                         f"has {sum(numels)} LoRA parameters (features of another adapter shape?)")
+    return names, numels
+
+
+def iter_instruction_gradient_features(
     model: torch.nn.Module,
     snapshots: Sequence[EpochSnapshot],
     examples: Sequence[InstructionExample],
@@ -412,33 +453,19 @@ def instruction_gradient_features(
     normalize: bool = True,
     pad_token_id: int = 0,
     progress_desc: str | None = None,
-) -> torch.Tensor:
-    """Projected, Adam-normalised instruction gradients of ``examples`` (eq 5-7), [N, d_proj].
-
-    For every snapshot the adapter's weights are temporarily replaced by the snapshot's, the
-    per-example gradients computed in batches, normalised with that epoch's Adam state and averaged
-    over snapshots; the average is projected (projection is linear, so this equals the mean of the
-    per-epoch projections) and, with ``normalize``, L2-normalised (eq 7). The adapter's own weights
-    are restored afterwards. Vectors are projected in large chunks because generating the
-    projection matrix is the fixed cost of a call.
-    """
-    if not snapshots:
-        raise ValueError("at least one epoch snapshot is needed")
-    modules = lora_modules(model, adapter_name)
-    names = list(modules)
-    if set(names) != set(snapshots[0].names):
-        raise ValueError(
-            f"the gradient state does not match adapter {adapter_name!r}: it names {len(snapshots[0].names)} "
-            f"LoRA weights, the adapter has {len(names)}"
-        )
-    numels = [modules[n].weight.numel() for n in names]
+    example_ids: Sequence | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`instruction_gradient_features` one chunk of rows at a time: yields ``(start, features)``
+    with ``features`` the rows ``start ... start + len(features)``, so that a caller can write them out
+    without holding all N x d_proj features."""
+    names, numels = _check_setup(model, snapshots, projection, adapter_name)
+    if example_ids is not None and len(example_ids) != len(examples):
+        raise ValueError(f"{len(example_ids)} example ids given for {len(examples)} examples")
+    ids = list(range(len(examples))) if example_ids is None else list(example_ids)
     dim = sum(numels)
-    if projection.dim != dim:
-        raise ValueError(f"projection expects gradients of dimension {projection.dim}, adapter has {dim}")
-    projector = RademacherProjector(projection)
+    projector = make_projector(projection)
     device = next(model.parameters()).device
     original = lora_state(model, adapter_name)
-    features = torch.empty(len(examples), projection.d_proj)
     chunk = _chunk_rows(dim)
     from tqdm.auto import tqdm
 
@@ -450,26 +477,72 @@ def instruction_gradient_features(
             acc = torch.zeros(len(part), dim)
             for snap in snapshots:
                 load_lora_state(model, adapter_name, snap.weights)
+                bad: list = []
                 for b0 in range(0, len(part), batch_size):
-                    ids, att, mask = _pad_batch(part[b0 : b0 + batch_size], pad_token_id, device)
-                    grads = lora_per_sample_gradients(model, ids, att, mask, adapter_name).cpu()
-                    acc[b0 : b0 + len(ids)] += adam_normalize(grads, snap, names, numels)
-                    bar.update(len(ids))
+                    batch_ids, att, mask = _pad_batch(part[b0 : b0 + batch_size], pad_token_id, device)
+                    grads = lora_per_sample_gradients(model, batch_ids, att, mask, adapter_name).cpu()
+                    finite = torch.isfinite(grads).all(dim=1)
+                    bad += [ids[c0 + b0 + int(i)] for i in (~finite).nonzero().flatten()]
+                    acc[b0 : b0 + len(batch_ids)] += adam_normalize(grads, snap, names, numels)
+                    bar.update(len(batch_ids))
+                if bad:
+                    raise ValueError(
+                        f"non-finite (NaN/inf) instruction gradient for example(s) {bad[:20]}"
+                        f"{' ...' if len(bad) > 20 else ''} with the adapter weights of epoch {snap.epoch}; "
+                        "check these examples' tokens and the model's numerics (fp16 overflow?)"
+                    )
             acc /= len(snapshots)
-            features[c0 : c0 + len(part)] = projector.project(acc)
+            feats = projector.project(acc)
+            if normalize:
+                feats = normalize_rows(feats, example_ids=ids[c0 : c0 + len(part)])
+            yield c0, feats
     finally:
         load_lora_state(model, adapter_name, original)
         bar.close()
-    if normalize:
-        features = normalize_rows(features)
+
+
+def instruction_gradient_features(
+    model: torch.nn.Module,
+    snapshots: Sequence[EpochSnapshot],
+    examples: Sequence[InstructionExample],
+    projection: ProjectionSpec,
+    *,
+    adapter_name: str = "default",
+    batch_size: int = 8,
+    normalize: bool = True,
+    pad_token_id: int = 0,
+    progress_desc: str | None = None,
+    example_ids: Sequence | None = None,
+) -> torch.Tensor:
+    """Projected, Adam-normalised instruction gradients of ``examples`` (eq 5-7), [N, d_proj].
+
+    For every snapshot the adapter's weights are temporarily replaced by the snapshot's, the
+    per-example gradients computed in batches, normalised with that epoch's Adam state and averaged
+    over snapshots; the average is projected (projection is linear, so this equals the mean of the
+    per-epoch projections) and, with ``normalize``, L2-normalised (eq 7). The adapter's own weights
+    are restored afterwards. Vectors are projected in large chunks because generating the
+    projection matrix is the fixed cost of a call.
+
+    Snapshots of another model or adapter shape are refused before any work (naming the file and
+    parameter); a non-finite per-example gradient raises ``ValueError`` naming the examples by
+    ``example_ids`` (default: their positions in ``examples``).
+    """
+    features = torch.empty(len(examples), projection.d_proj)
+    for start, chunk in iter_instruction_gradient_features(
+        model, snapshots, examples, projection, adapter_name=adapter_name, batch_size=batch_size,
+        normalize=normalize, pad_token_id=pad_token_id, progress_desc=progress_desc, example_ids=example_ids,
+    ):
+        features[start : start + len(chunk)] = chunk
     return features
 
 
-def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+def normalize_rows(x: torch.Tensor, example_ids: Sequence | None = None) -> torch.Tensor:
+    """Rows divided by their L2 norm; a zero row raises ``ValueError`` naming its example."""
     norms = x.norm(dim=1, keepdim=True)
-    if (norms == 0).any():
-        bad = int((norms.squeeze(1) == 0).nonzero()[0])
-        raise ValueError(f"example {bad} has an all-zero gradient feature (no instruction loss?)")
+    zero = (norms.squeeze(1) == 0).nonzero().flatten().tolist()
+    if zero:
+        names = [example_ids[i] for i in zero] if example_ids is not None else zero
+        raise ValueError(f"example(s) {names[:20]} have an all-zero gradient feature (no instruction loss?)")
     return x / norms
 
 
@@ -484,24 +557,9 @@ def examples_from_prompts(masker: InstructionMasker, prompts: Sequence) -> list[
     return out
 
 
-def save_features(path: str, features: torch.Tensor, example_ids: Sequence[int], meta: dict | None = None) -> None:
-    tmp = f"{path}.tmp"
-    save_file({"features": features.contiguous(), "example_index": torch.tensor(list(example_ids))}, tmp,
-              metadata={"elrea": json.dumps(meta or {})})
-    os.replace(tmp, path)
-
-
-def load_features(path: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("elrea", "{}"))
-    t = load_file(path)
-    return t["features"], t["example_index"], meta
-
-
 __all__ = [
     "EpochSnapshot", "InstructionExample", "InstructionMasker", "InstructionMaskError", "adam_normalize",
-    "examples_from_prompts", "instruction_gradient_features", "lora_dimension", "lora_modules",
-    "lora_per_sample_gradients", "lora_state", "load_lora_state", "normalize_rows",
+    "examples_from_prompts", "instruction_gradient_features", "iter_instruction_gradient_features",
+    "lora_dimension", "lora_modules", "lora_per_sample_gradients", "lora_state", "load_lora_state",
+    "normalize_rows",
 ]
