@@ -361,17 +361,15 @@ def inference_prompts(tokenizer, n: int, prompt_tokens: int, seed: int = 0) -> l
     instructions, extended with further instructions when too short)."""
     texts, _ = realistic_instructions(4 * n, seed)
     rng = random.Random(seed)
+    overhead = len(tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                                 tokenize=True))
+    budget = max(1, prompt_tokens - overhead)
     out = []
     for i in range(n):
-        parts = [texts[i]]
-        while len(tokenizer.apply_chat_template([{"role": "user", "content": " ".join(parts)}],
-                                                add_generation_prompt=True, tokenize=True)) < prompt_tokens:
-            parts.append(rng.choice(texts))
-        words = " ".join(parts).split()
-        while len(words) > 1 and len(tokenizer.apply_chat_template(
-                [{"role": "user", "content": " ".join(words)}], add_generation_prompt=True, tokenize=True)) > prompt_tokens:
-            words.pop()
-        out.append(" ".join(words))
+        ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+        while len(ids) < budget:
+            ids += tokenizer(" " + rng.choice(texts), add_special_tokens=False)["input_ids"]
+        out.append(tokenizer.decode(ids[:budget], skip_special_tokens=True).strip())
     return out
 
 
