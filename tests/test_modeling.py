@@ -112,7 +112,8 @@ def test_save_load_generate_identical_and_auto_dispatch(ensemble, tmp_path):
             "base/adapter_model.safetensors", "expert_0/adapter_config.json", "expert_1/adapter_model.safetensors",
             "generation_config.json"} <= files
     assert "adapter_config.json" not in files
-    assert all(f.endswith((".json", ".safetensors", ".md", ".jinja", ".txt")) for f in files), files
+    # Data is safetensors/JSON only; the one .py file is the trust_remote_code shim (imports elrea_hf).
+    assert all(f.endswith((".json", ".safetensors", ".md", ".jinja", ".txt")) or f == "elrea_auto.py" for f in files), files
     assert isinstance(AutoConfig.from_pretrained(tmp_path / "bundle"), type(ensemble.config))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bundle")
     assert isinstance(loaded, ELREAForCausalLM)
@@ -181,7 +182,7 @@ def test_bad_prompts(ensemble):
         ensemble.generate(**ids, max_new_tokens=2)
 
 
-def test_push_to_hub_uploads_every_bundle_file(ensemble, monkeypatch):
+def test_push_to_hub_uploads_every_bundle_file(ensemble, monkeypatch, tmp_path):
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoUrl
 
@@ -199,12 +200,44 @@ def test_push_to_hub_uploads_every_bundle_file(ensemble, monkeypatch):
     ensemble.model_card = "# my ELREA model\n"
     ensemble.push_to_hub("user/elrea-tiny")
     assert calls["repo"] == "user/elrea-tiny"
-    names = set(calls["files"])
+    # Exactly the files save_pretrained writes, byte for byte, model card and remote-code shim included.
+    local = tmp_path / "local"
+    ensemble.save_pretrained(local)
+    expected = {str(p.relative_to(local)).replace(os.sep, "/"): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    assert set(calls["files"]) == set(expected)
+    assert all(calls["files"][name] == data for name, data in expected.items())
     for required in ("config.json", "routing.safetensors", "gradient_state/epoch_0.safetensors", "base/adapter_config.json",
                      "base/adapter_model.safetensors", "expert_0/adapter_model.safetensors", "expert_1/adapter_model.safetensors",
-                     "README.md", "tokenizer.json", "generation_config.json"):
-        assert required in names, (required, names)
+                     "README.md", "tokenizer.json", "generation_config.json", "elrea_auto.py"):
+        assert required in expected, required
+    assert all(name.count("/") <= 1 for name in expected)  # PushToHubMixin / Hub UI: one folder level
     assert calls["files"]["README.md"] == b"# my ELREA model\n"
+
+
+def test_trust_remote_code_loads_the_installed_classes(ensemble, tmp_path):
+    bundle = tmp_path / "bundle"
+    ensemble.save_pretrained(bundle)
+    cfg = AutoConfig.from_pretrained(bundle)
+    assert cfg.auto_map["AutoModelForCausalLM"] == "elrea_auto.ELREAForCausalLM"
+    model = AutoModelForCausalLM.from_pretrained(bundle, trust_remote_code=True)
+    assert type(model).__name__ == "ELREAForCausalLM" and isinstance(model.config, elrea_hf.ELREAConfig)
+    again = tmp_path / "again"
+    model.save_pretrained(again)  # no package module is copied into a bundle
+    assert sorted(p.name for p in again.glob("*.py")) == ["elrea_auto.py"]
+
+
+def test_a_4bit_bitsandbytes_backbone_routes_and_generates(ensemble, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    bundle = tmp_path / "bundle"
+    ensemble.save_pretrained(bundle)
+    q = AutoModelForCausalLM.from_pretrained(
+        bundle, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    assert type(q.peft_model.get_base_model().model.layers[0].mlp.gate_proj).__name__ == "Linear4bit"
+    enc = _batch(q.tokenizer, PROMPTS)
+    out, w = q.generate(**enc, max_new_tokens=3, do_sample=False, return_routing_weights=True)
+    assert out.shape[0] == 2 and w.shape == (2, 3) and torch.isfinite(w).all()
 
 
 def test_zero_weight_experts_are_not_run_and_do_not_change_the_logits(ensemble, monkeypatch):

@@ -330,7 +330,8 @@ def render_model_card(builder: ELREABuilder, ensemble) -> str:
         base_lr=args.learning_rate, base_epochs=args.num_train_epochs, expert_lr=builder.expert_learning_rate,
         expert_epochs=builder.expert_epochs, batch_size=args.per_device_train_batch_size,
         lora=json.dumps(builder.model.peft_config[builder.adapter_name].to_dict(), default=str, sort_keys=True)[:600],
-        d_proj=builder.meta["projection"]["d_proj"], instruction_tokens=builder.meta.get("instruction_tokens"),
+        d_proj=builder.meta["projection"]["d_proj"], projection_kind=builder.meta["projection"].get("kind", "rademacher"),
+        instruction_tokens=builder.meta.get("instruction_tokens"),
         routing=json.dumps(builder.routing.to_dict()), version=__version__,
     )
     return str(card)

@@ -30,6 +30,12 @@ class ELREAConfig(PretrainedConfig):
     elrea_version: str | None = None
     tie_word_embeddings: bool = False
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """No-op: a bundle's ``auto_map`` always points at its ``elrea_auto.py`` shim
+        (``ELREAForCausalLM.write_bundle``); transformers must not copy this package's modules
+        into bundles when it loads one with ``trust_remote_code=True``."""
+
     @property
     def expert_names(self) -> list[str]:
         return [n for n in (self.adapter_names or []) if n != self.feature_adapter]

@@ -45,6 +45,13 @@ from .routing import RoutingConfig, routing_weights
 
 logger = logging.get_logger(__name__)
 
+REMOTE_CODE_MODULE = "elrea_auto"
+_REMOTE_CODE = (
+    '"""ELREA bundle classes for trust_remote_code=True: they come from the installed elrea-hf package\n'
+    '(pip install elrea-hf); this file only re-exports them."""\n'
+    "from elrea_hf.config import ELREAConfig  # noqa: F401\n"
+    "from elrea_hf.modeling import ELREAForCausalLM  # noqa: F401\n"
+)
 _BACKBONE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
                   "num_key_value_heads", "intermediate_size")
 _SAFE_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.jinja", "*.model"]
@@ -199,7 +206,13 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
 
     def write_bundle(self, folder: str, model_card: str | None = None) -> None:
         self.config.architectures = [type(self).__name__]
+        # trust_remote_code=True users: auto_map points at a three-line module that imports the
+        # installed elrea_hf (no package source is copied into the bundle).
+        self.config.auto_map = {"AutoConfig": f"{REMOTE_CODE_MODULE}.ELREAConfig",
+                                "AutoModelForCausalLM": f"{REMOTE_CODE_MODULE}.ELREAForCausalLM"}
         self.config.save_pretrained(folder)
+        with open(os.path.join(folder, f"{REMOTE_CODE_MODULE}.py"), "w", encoding="utf-8") as f:
+            f.write(_REMOTE_CODE)
         self.generation_config.save_pretrained(folder)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
