@@ -70,9 +70,10 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def realistic_instructions(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+def realistic_instructions(n: int, seed: int = 0, max_chars: int = 1500) -> tuple[list[str], list[str]]:
     """``n`` instructions of realistic length from ``../shared/data`` (GSM8K, SVAMP, MATH, BBH in
-    equal shares), with their source as a label; the embedded mixture if the data is absent."""
+    equal shares, at most ``max_chars`` characters, about 400 tokens), with their source as a
+    label; the embedded mixture if the data is absent."""
     from .data import load_shared_jsonl, shared_data_dir, skill_mixture
 
     try:
@@ -81,9 +82,11 @@ def realistic_instructions(n: int, seed: int = 0) -> tuple[list[str], list[str]]
         texts, labels = [], []
         for i, name in enumerate(sources):
             k = n // len(sources) + (i < n % len(sources))
-            ds = load_shared_jsonl(name, n=k, seed=seed)
-            texts += [p[-1]["content"] if isinstance(p, list) else p for p in ds["prompt"]]
-            labels += [name.split("_")[0]] * len(ds)
+            ds = load_shared_jsonl(name, n=4 * k, seed=seed)
+            kept = [t for t in (p[-1]["content"] if isinstance(p, list) else p for p in ds["prompt"])
+                    if len(t) <= max_chars][:k]
+            texts += kept
+            labels += [name.split("_")[0]] * len(kept)
         return texts, labels
     except (FileNotFoundError, OSError):
         ds = skill_mixture("train", n=max(1, n // 8), seed=seed)
@@ -361,8 +364,8 @@ def inference_prompts(tokenizer, n: int, prompt_tokens: int, seed: int = 0) -> l
     instructions, extended with further instructions when too short)."""
     texts, _ = realistic_instructions(4 * n, seed)
     rng = random.Random(seed)
-    overhead = len(tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
-                                                 tokenize=True))
+    empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False)
+    overhead = len(tokenizer(empty, add_special_tokens=False)["input_ids"])
     budget = max(1, prompt_tokens - overhead)
     out = []
     for i in range(n):

@@ -327,10 +327,13 @@ class _LoraActivationRecorder:
 
 def instruction_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Per-example mean of -log P(x_t | x_<t) over positions t with ``loss_mask[t] == 1``."""
-    targets = input_ids[:, 1:]
-    weights = loss_mask[:, 1:].to(logits.dtype)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return -(logp * weights).sum(1) / weights.sum(1).clamp_min(1)
+    # Only the instruction positions go through log_softmax: the [B, T, vocab] float copies and
+    # their gradients would otherwise dominate memory on long prompts.
+    rows, cols = loss_mask[:, 1:].nonzero(as_tuple=True)
+    logp = torch.log_softmax(logits[rows, cols].float(), dim=-1).gather(-1, input_ids[rows, cols + 1, None])[:, 0]
+    totals = torch.zeros(input_ids.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    counts = loss_mask[:, 1:].sum(1).clamp_min(1).to(logp.dtype)
+    return -totals / counts
 
 
 def lora_per_sample_gradients(
@@ -478,13 +481,16 @@ def iter_instruction_gradient_features(
             for snap in snapshots:
                 load_lora_state(model, adapter_name, snap.weights)
                 bad: list = []
+                # Batches of similar length (less padding); rows go back to their own positions.
+                order = sorted(range(len(part)), key=lambda i: len(part[i].input_ids))
                 for b0 in range(0, len(part), batch_size):
-                    batch_ids, att, mask = _pad_batch(part[b0 : b0 + batch_size], pad_token_id, device)
+                    rows = order[b0 : b0 + batch_size]
+                    batch_ids, att, mask = _pad_batch([part[i] for i in rows], pad_token_id, device)
                     grads = lora_per_sample_gradients(model, batch_ids, att, mask, adapter_name).cpu()
                     finite = torch.isfinite(grads).all(dim=1)
-                    bad += [ids[c0 + b0 + int(i)] for i in (~finite).nonzero().flatten()]
-                    acc[b0 : b0 + len(batch_ids)] += adam_normalize(grads, snap, names, numels)
-                    bar.update(len(batch_ids))
+                    bad += [ids[c0 + rows[int(i)]] for i in (~finite).nonzero().flatten()]
+                    acc[rows] += adam_normalize(grads, snap, names, numels)
+                    bar.update(len(rows))
                 if bad:
                     raise ValueError(
                         f"non-finite (NaN/inf) instruction gradient for example(s) {bad[:20]}"
