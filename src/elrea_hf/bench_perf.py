@@ -168,10 +168,12 @@ def _adam_snapshot(model, examples, pad_id: int, steps: int = 2, lr: float = 1e-
 
 
 def _floor_pass(model, examples, pad_id: int, batch_size: int, repeats: int = 1) -> float:
-    """Plain forward + backward of the instruction loss, whole batches, no per-sample work."""
+    """Plain forward + backward of the instruction loss, whole batches, no per-sample work; batched
+    like the extractor (examples sorted by length), so that both pay the same padding."""
     from .features import _pad_batch, instruction_losses, lora_modules
 
     params = [m.weight for m in lora_modules(model, "default").values()]
+    examples = sorted(examples, key=lambda e: len(e.input_ids))
     model.eval()
     t0 = time.perf_counter()
     for _ in range(repeats):
