@@ -241,15 +241,30 @@ def test_a_4bit_bitsandbytes_backbone_routes_and_generates(ensemble, tmp_path):
 
 
 def test_zero_weight_experts_are_not_run_and_do_not_change_the_logits(ensemble, monkeypatch):
+    from elrea_hf.batched_lora import BatchedLoraRows
+
     enc = _batch(ensemble.tokenizer, PROMPTS[:2])
     w = torch.tensor([[0.2, 0.0, 0.8], [0.4, 0.6, 0.0]])  # top-1 routing: one expert per prompt
     seen = []
-    real = type(ensemble.peft_model).forward
-    monkeypatch.setattr(type(ensemble.peft_model), "forward",
-                        lambda self, *a, **k: seen.append(list(k["adapter_names"])) or real(self, *a, **k))
+    real = BatchedLoraRows.apply
+    monkeypatch.setattr(BatchedLoraRows, "apply", lambda self, rows: seen.append(rows.tolist()) or real(self, rows))
     out = ensemble(**enc, routing_weights=w)
-    assert seen == [["base", "expert_1", "base", "expert_0"]]
+    assert seen == [[0, 2, 0, 1]]  # (prompt 0: base, expert_1), (prompt 1: base, expert_0)
     monkeypatch.undo()
     full = sum(w[:, i, None, None] * ensemble(**enc, routing_weights=torch.eye(3)[i].expand(2, 3)).logits
                for i in range(3))
     torch.testing.assert_close(out.logits, full, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_lora_rows_equal_peft_mixed_adapter_batches(ensemble):
+    from elrea_hf.batched_lora import BatchedLoraRows
+
+    enc = _batch(ensemble.tokenizer, PROMPTS * 2)
+    names = ensemble.adapter_names
+    per_row = [names[0], names[2], names[1], names[0]]
+    peft = ensemble.peft_model.eval()
+    with torch.no_grad():
+        want = peft(**enc, adapter_names=per_row).logits
+        with BatchedLoraRows(peft, names).apply(torch.tensor([names.index(n) for n in per_row])):
+            got = peft(**enc).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

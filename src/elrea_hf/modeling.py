@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
 from . import __version__
+from .batched_lora import BatchedLoraRows
 from .bundle import (
     GRADIENT_STATE_DIR,
     ROUTING_FILE,
@@ -335,6 +336,16 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------------------------
     # forward and generation
     # ------------------------------------------------------------------------------------------
+    def _lora_rows(self) -> BatchedLoraRows:
+        """Stacked adapter weights for the per-row LoRA of :meth:`forward` (rebuilt if an adapter
+        weight changed)."""
+        cached = getattr(self, "_lora_rows_cache", None)
+        if cached is None or cached.adapter_names != self.adapter_names or cached.built_for != cached.version():
+            cached = BatchedLoraRows(self.peft_model, self.adapter_names)
+            cached.built_for = cached.version()
+            self._lora_rows_cache = cached
+        return cached
+
     def get_input_embeddings(self):
         return self.peft_model.get_input_embeddings()
 
@@ -374,11 +385,11 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
             return None if t is None else t[prompt_of.to(t.device)]
 
         self.peft_model.eval()
-        out = self.peft_model(
-            input_ids=rows(input_ids), attention_mask=rows(attention_mask), position_ids=rows(position_ids),
-            cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep,
-            adapter_names=[self.adapter_names[a] for a in adapter_of.tolist()], **kwargs,
-        )
+        with self._lora_rows().apply(adapter_of):
+            out = self.peft_model(
+                input_ids=rows(input_ids), attention_mask=rows(attention_mask), position_ids=rows(position_ids),
+                cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+            )
         logits = out.logits.float()
         w = routing_weights.to(logits.device, logits.dtype)[prompt_of, adapter_of]
         combined = torch.zeros((batch, *logits.shape[1:]), device=logits.device, dtype=logits.dtype)

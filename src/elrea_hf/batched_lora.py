@@ -1,0 +1,82 @@
+"""Many LoRA adapters in one forward pass, one adapter per batch row, with two batched matmuls per
+layer.
+
+PEFT's mixed-adapter batches (``adapter_names=[...]``) loop over the adapters in every LoRA layer
+(select the rows, run A and B, scatter back): with C + 1 adapters that is C + 1 small kernels and
+two copies per layer and step, which on a CPU costs more than the backbone's own matmuls at decode
+time. Here the base model runs with its adapters disabled and a forward hook on every LoRA layer
+adds ``scaling_a * B_a A_a x`` for each row's adapter ``a`` from stacked weights
+(``torch.bmm`` over rows), the same sum PEFT computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+
+
+class BatchedLoraRows:
+    """Stacked LoRA weights of ``adapter_names`` for every LoRA layer of ``peft_model``.
+
+    Build once per set of adapters (weights are copied at construction), then use
+    :meth:`apply` around forward calls."""
+
+    def __init__(self, peft_model, adapter_names: Sequence[str]):
+        self.peft_model = peft_model
+        self.adapter_names = list(adapter_names)
+        self.layers = []  # (module, A [n, r, in], B [n, out, r] * scaling)
+        for module in peft_model.modules():
+            lora_A = getattr(module, "lora_A", None)
+            if not isinstance(lora_A, torch.nn.ModuleDict) or not all(n in lora_A for n in self.adapter_names):
+                continue
+            if any(n in getattr(module, "lora_magnitude_vector", {}) for n in self.adapter_names):
+                raise NotImplementedError("batched LoRA rows do not support DoRA adapters")
+            ranks = {lora_A[n].weight.shape[0] for n in self.adapter_names}
+            if len(ranks) != 1:
+                raise NotImplementedError(f"adapters of different ranks {sorted(ranks)} cannot be stacked")
+            A = torch.stack([lora_A[n].weight.detach() for n in self.adapter_names])
+            B = torch.stack([module.lora_B[n].weight.detach() * module.scaling[n] for n in self.adapter_names])
+            self.layers.append((module, A, B))
+        if not self.layers:
+            raise ValueError(f"no LoRA layer holds all of the adapters {self.adapter_names}")
+
+    def version(self) -> tuple:
+        """Changes whenever a stacked adapter weight is modified in place or replaced."""
+        out = []
+        for module, _, _ in self.layers:
+            for n in self.adapter_names:
+                for w in (module.lora_A[n].weight, module.lora_B[n].weight):
+                    out.append((id(w), w._version))
+        return tuple(out)
+
+    @contextmanager
+    def apply(self, row_adapters: torch.Tensor):
+        """Within the block, a forward of ``peft_model`` applies adapter ``row_adapters[i]`` (an index
+        into ``adapter_names``) to row ``i`` of the batch. The per-row weights are gathered once
+        per distinct ``row_adapters`` (constant over a whole ``generate`` call)."""
+        key = tuple(row_adapters.tolist())
+        if getattr(self, "_rows_key", None) != key:
+            rows = row_adapters.long()
+            self._gathered = [(A[rows.to(A.device)], B[rows.to(B.device)]) for _, A, B in self.layers]
+            self._rows_key = key
+        handles = [module.register_forward_hook(self._hook(A_rows, B_rows))
+                   for (module, _, _), (A_rows, B_rows) in zip(self.layers, self._gathered)]
+        try:
+            with self.peft_model.disable_adapter():
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @staticmethod
+    def _hook(A_rows: torch.Tensor, B_rows: torch.Tensor):
+        def hook(module, args, output):
+            x = args[0]
+            shape = x.shape
+            x3 = x.reshape(shape[0], -1, shape[-1]).to(A_rows.dtype)
+            delta = torch.bmm(torch.bmm(x3, A_rows.transpose(1, 2)), B_rows.transpose(1, 2))
+            return output + delta.reshape(*shape[:-1], -1).to(output.dtype)
+
+        return hook
