@@ -304,19 +304,34 @@ def lora_dimension(model: torch.nn.Module, adapter_name: str) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-class _LoraActivationRecorder:
-    """Forward hooks on an adapter's LoRA A/B linears keeping each call's input and output.
+class _LoraGradientCollector:
+    """Forward hooks on an adapter's LoRA A/B linears that, for every call, keep the call's input
+    and register a tensor hook on its output; during the backward pass that hook turns the output
+    gradient into the per-example weight gradient ``sum_t g_t x_t^T`` and drops the input, so no
+    more than one layer's activations and output gradients are held at once.
 
-    The output stays in the autograd graph so its gradient can be asked for directly; this avoids
-    module backward hooks, which do not fire on every path (see library-facts)."""
+    Tensor hooks on outputs fire on every path (module backward hooks do not; see library-facts)."""
 
     def __init__(self, modules: dict[str, torch.nn.Linear]):
-        self.records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in modules}
+        self.grads: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {n: 0 for n in modules}
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            self.records[name].append((inputs[0].detach(), output))
+            self.calls[name] += 1
+            if not output.requires_grad:
+                return
+            held = [inputs[0].detach()]
+
+            def on_grad(grad):
+                x = held.pop()
+                b = x.shape[0]
+                g = torch.einsum("bto,bti->boi", grad.float().reshape(b, -1, grad.shape[-1]),
+                                 x.float().reshape(b, -1, x.shape[-1]))
+                self.grads[name] = self.grads[name] + g if name in self.grads else g
+
+            output.register_hook(on_grad)
 
         return hook
 
@@ -351,7 +366,7 @@ def lora_per_sample_gradients(
     modules = lora_modules(model, adapter_name)
     was_training = model.training
     saved_flags = {n: m.weight.requires_grad for n, m in modules.items()}
-    recorder = _LoraActivationRecorder(modules)
+    collector = _LoraGradientCollector(modules)
     try:
         model.eval()
         for m in modules.values():
@@ -359,26 +374,21 @@ def lora_per_sample_gradients(
         with torch.enable_grad():
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             loss = instruction_losses(logits, input_ids, loss_mask).sum()
-            outputs, owners = [], []
-            for name, calls in recorder.records.items():
-                if not calls:
-                    raise RuntimeError(f"LoRA layer {name} was not used in the forward pass")
-                for call_index, (_, out) in enumerate(calls):
-                    outputs.append(out)
-                    owners.append((name, call_index))
-            out_grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+            unused = [n for n, c in collector.calls.items() if not c]
+            if unused:
+                raise RuntimeError(f"LoRA layer {unused[0]} was not used in the forward pass")
+            del logits
+            # Asking for the LoRA weights' (batch-summed) gradients makes the backward pass reach
+            # every LoRA output, where the collector's hooks take the per-example gradients.
+            torch.autograd.grad(loss, [m.weight for m in modules.values()], allow_unused=True)
         batch = input_ids.shape[0]
-        per_name: dict[str, torch.Tensor] = {}
-        for (name, call_index), grad in zip(owners, out_grads):
-            x = recorder.records[name][call_index][0]
-            if grad is None:
-                grad = torch.zeros_like(recorder.records[name][call_index][1])
-            g = torch.einsum("bto,bti->boi", grad.float().reshape(batch, -1, grad.shape[-1]),
-                             x.float().reshape(batch, -1, x.shape[-1]))
-            per_name[name] = per_name[name] + g if name in per_name else g
-        return torch.cat([per_name[n].reshape(batch, -1) for n in modules], dim=1)
+        parts = []
+        for name, m in modules.items():
+            g = collector.grads.get(name)
+            parts.append(torch.zeros(batch, m.weight.numel()) if g is None else g.reshape(batch, -1))
+        return torch.cat(parts, dim=1)
     finally:
-        recorder.remove()
+        collector.remove()
         for n, m in modules.items():
             m.weight.requires_grad_(saved_flags[n])
         model.train(was_training)
