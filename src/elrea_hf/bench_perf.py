@@ -317,9 +317,10 @@ def synthetic_bundle(model_path: str, out_dir: str, n_experts: int = 4, rank: in
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .features import EpochSnapshot, lora_dimension, lora_modules
+    from .features import lora_dimension
     from .modeling import ELREAForCausalLM
     from .projection import ProjectionSpec
+    from .testing import random_epoch_snapshots
 
     tok = AutoTokenizer.from_pretrained(model_path)
     backbone = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -330,14 +331,7 @@ def synthetic_bundle(model_path: str, out_dir: str, n_experts: int = 4, rank: in
     for i, name in enumerate(names):
         _randomize_lora(peft, name, seed + i)
     g = torch.Generator().manual_seed(seed)
-    snaps = []
-    for e in range(n_epochs):
-        w = {n: m.weight.detach().clone() for n, m in lora_modules(peft, "base").items()}
-        snaps.append(EpochSnapshot(
-            epoch=e, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weights=w,
-            exp_avg={n: 1e-4 * torch.randn(t.shape, generator=g) for n, t in w.items()},
-            exp_avg_sq={n: 1e-8 * torch.rand(t.shape, generator=g) for n, t in w.items()},
-            step={n: 50.0 * (e + 1) for n in w}))
+    snaps = random_epoch_snapshots(peft, "base", n_epochs, g, lr=1e-4, m_scale=1e-4, v_scale=1e-8, steps_per_epoch=50)
     centroids = torch.nn.functional.normalize(torch.randn(n_experts, d_proj, generator=g), dim=1)
     spec = ProjectionSpec(dim=lora_dimension(peft, "base"), d_proj=d_proj, seed=seed, kind=projection_kind)
     ensemble = ELREAForCausalLM.from_parts(peft, tok, centroids, snaps, base_model_name_or_path=model_path,

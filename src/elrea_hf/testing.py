@@ -127,7 +127,6 @@ def tiny_ensemble(backbone_dir: str, n_experts: int = 2, d_proj: int = 64, seed:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .features import EpochSnapshot, lora_modules
     from .modeling import ELREAForCausalLM
 
     tok = AutoTokenizer.from_pretrained(backbone_dir)
@@ -142,14 +141,24 @@ def tiny_ensemble(backbone_dir: str, n_experts: int = 2, d_proj: int = 64, seed:
         for name, p in peft.named_parameters():
             if "lora_" in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    snaps = []
-    for e in range(n_epochs):
-        w = {n: m.weight.detach().clone() for n, m in lora_modules(peft, "base").items()}
-        snaps.append(EpochSnapshot(
-            epoch=e, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weights=w,
-            exp_avg={n: 1e-3 * torch.randn(t.shape, generator=g) for n, t in w.items()},
-            exp_avg_sq={n: 1e-6 * torch.rand(t.shape, generator=g) for n, t in w.items()},
-            step={n: 10.0 * (e + 1) for n in w}))
+    snaps = random_epoch_snapshots(peft, "base", n_epochs, g, lr=1e-3, m_scale=1e-3, v_scale=1e-6, steps_per_epoch=10)
     centroids = torch.nn.functional.normalize(torch.randn(n_experts, d_proj, generator=g), dim=1)
     return ELREAForCausalLM.from_parts(peft, tok, centroids, snaps, base_model_name_or_path=str(backbone_dir),
                                        cluster_sizes=[5] * n_experts)
+
+
+def random_epoch_snapshots(peft_model, adapter: str, n_epochs: int, generator: torch.Generator, *, lr: float,
+                           m_scale: float, v_scale: float, steps_per_epoch: int):
+    """Epoch snapshots holding ``adapter``'s current weights and random Adam moments: stands in for
+    a training run where only the shapes matter (tests, speed benchmarks)."""
+    from .features import EpochSnapshot, lora_modules
+
+    snaps = []
+    for e in range(n_epochs):
+        w = {n: m.weight.detach().clone() for n, m in lora_modules(peft_model, adapter).items()}
+        snaps.append(EpochSnapshot(
+            epoch=e, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weights=w,
+            exp_avg={n: m_scale * torch.randn(t.shape, generator=generator) for n, t in w.items()},
+            exp_avg_sq={n: v_scale * torch.rand(t.shape, generator=generator) for n, t in w.items()},
+            step={n: float(steps_per_epoch * (e + 1)) for n in w}))
+    return snaps
