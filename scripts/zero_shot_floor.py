@@ -41,9 +41,7 @@ def greedy_answers(model, tokenizer, prompts, batch_size: int, max_new_tokens: i
             **batch,
             do_sample=False,
             max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            stop_strings="\n",  # only the first line is checked
-            tokenizer=tokenizer,
+            pad_token_id=tokenizer.pad_token_id,  # only the first line is checked (main)
         )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -57,7 +55,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skills", nargs="*", default=list(DEFAULT_SKILLS), choices=list(ALL_SKILLS))
     parser.add_argument("--batch-size", type=int, default=25)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path("docs/zero_shot_floor.json"))
     args = parser.parse_args()
 
