@@ -46,6 +46,14 @@ class ProjectionSpec:
 PROJECTION_KINDS = ("rademacher", "countsketch")
 
 
+def _input_and_output(spec: ProjectionSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` checked and as float32, and the zero [n, d_proj] output both projectors accumulate into."""
+    if x.dim() != 2 or x.shape[1] != spec.dim:
+        raise ValueError(f"expected vectors of dimension {spec.dim}, got shape {tuple(x.shape)}")
+    x = x.to(torch.float32)
+    return x, torch.zeros(x.shape[0], spec.d_proj, dtype=torch.float32, device=x.device)
+
+
 class RademacherProjector:
     """``project(x) = x @ R.T`` with i.i.d. uniform +-1 entries (eq 6), generated block-wise.
 
@@ -83,10 +91,7 @@ class RademacherProjector:
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Project rows of ``x`` [n, dim] to [n, d_proj] (float32, on ``x``'s device)."""
         spec = self.spec
-        if x.dim() != 2 or x.shape[1] != spec.dim:
-            raise ValueError(f"expected vectors of dimension {spec.dim}, got shape {tuple(x.shape)}")
-        x = x.to(torch.float32)
-        out = torch.zeros(x.shape[0], spec.d_proj, dtype=torch.float32, device=x.device)
+        x, out = _input_and_output(spec, x)
         for j, start in enumerate(range(0, spec.dim, spec.block_size)):
             block = self.block(j).to(x.device)
             out.addmm_(x[:, start : start + block.shape[0]], block)
@@ -125,10 +130,7 @@ class CountSketchProjector:
     @torch.no_grad()
     def project(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        if x.dim() != 2 or x.shape[1] != spec.dim:
-            raise ValueError(f"expected vectors of dimension {spec.dim}, got shape {tuple(x.shape)}")
-        x = x.to(torch.float32)
-        out = torch.zeros(x.shape[0], spec.d_proj, dtype=torch.float32, device=x.device)
+        x, out = _input_and_output(spec, x)
         for j, start in enumerate(range(0, spec.dim, spec.block_size)):
             buckets, signs = self.block(j)
             part = x[:, start : start + len(buckets)] * signs.to(x.device)
