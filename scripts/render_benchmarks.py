@@ -17,31 +17,42 @@ def _load(name):
 
 
 def features(r) -> str:
-    cs, s = r["countsketch"], r["setup"]
-    return "\n".join([
+    s, kinds, default = r["setup"], r["projections"], r["default_projection"]
+    names = {"rademacher": "dense Rademacher", "countsketch": "CountSketch"}
+    ks = [str(k) for k in s["cluster_ks"]]
+    lines = [
         f"{s['n_instructions']} instructions from {', '.join(s['sources'])} ({s['tokens_mean']} tokens on average once "
         f"chat-templated, {s['content_tokens_mean']} of them user content), rank-{s['lora_rank']} LoRA on "
         f"{s['target_modules']} ({s['lora_params']:,} parameters), d_proj = {s['d_proj']}, batch {s['batch_size']}, "
         f"{s['threads']} threads.", "",
-        "| | seconds | x floor | speed-up vs naive |", "|---|---|---|---|",
-        f"| naive LESS-style loop (per example: autograd, dense projection){' ¹' if s.get('naive_measured_examples') else ''} "
-        f"| {r['naive_s']} | {r['naive_s'] / r['floor_s']:.1f} | 1 |",
-        f"| batched extractor, dense Rademacher (default) | {r['batched_s']} | {r['ratio_to_floor']} | {r['speedup_vs_naive']} |",
-        f"| of which projection | {r['projection_s']} | | |",
-        f"| batched extractor, CountSketch | {cs['batched_s']} | {cs['ratio_to_floor']} | {cs['speedup_vs_naive']} |",
-        f"| floor: plain forward+backward of the same batches | {r['floor_s']} | 1 | |", "",
-        f"¹ timed on {s.get('naive_measured_examples')} examples ({s.get('naive_measured_s')} s) and scaled to "
+        "| | seconds | x floor | speed-up vs naive | of which projection |", "|---|---|---|---|---|",
+        f"| naive LESS-style loop (per example: autograd, dense projection) ¹ "
+        f"| {r['naive_s']} | {r['naive_s'] / r['floor_s']:.1f} | 1 | |",
+    ]
+    for kind, k in kinds.items():
+        tag = " (default)" if kind == default else ""
+        lines.append(f"| batched extractor, {names[kind]}{tag} | {k['batched_s']} | {k['ratio_to_floor']} | "
+                     f"{k['speedup_vs_naive']} | {k['projection_s']} s ({k['projection_share']:.0%}) |")
+    lines += [
+        f"| floor: plain forward+backward of the same batches | {r['floor_s']} | 1 | | |", "",
+        f"¹ timed on {s['naive_measured_examples']} examples ({s['naive_measured_s']} s) and scaled to "
         f"{s['n_instructions']}.", "",
-        "Projection quality on these real features (cosines between all pairs of unit features, against the "
-        "unprojected Adam-normalised gradients):", "",
-        "| projection | mean abs cosine error | max abs cosine error | clustering ARI vs unprojected |",
-        "|---|---|---|---|",
-        f"| dense Rademacher | {r['dense']['distortion_vs_exact']['mean_abs_cos_error']} | "
-        f"{r['dense']['distortion_vs_exact']['max_abs_cos_error']} | {r['dense']['ari_vs_exact']} |",
-        f"| CountSketch | {cs['distortion_vs_exact']['mean_abs_cos_error']} | {cs['distortion_vs_exact']['max_abs_cos_error']}"
-        f" | {cs['ari_vs_exact']} (vs dense: {cs['ari_vs_dense']}) |", "",
-        f"Naive and batched features agree to cosine {r['naive_vs_batched_min_cosine']} (min over the timed examples).",
-    ])
+        "Projection quality on these real features: cosines between all pairs of unit features, and clustering "
+        f"agreement (adjusted Rand index, {s['clustering']}) with k clusters, each against the unprojected "
+        "Adam-normalised gradients:", "",
+        "| projection | mean abs cosine error | max abs cosine error | " + " | ".join(f"ARI k={k}" for k in ks) + " |",
+        "|---|---|---|" + "---|" * len(ks),
+    ]
+    for kind, k in kinds.items():
+        d = k["distortion_vs_exact"]
+        lines.append(f"| {names[kind]} | {d['mean_abs_cos_error']} | {d['max_abs_cos_error']} | "
+                     + " | ".join(str(k["ari_vs_exact"][c]) for c in ks) + " |")
+    cs = kinds["countsketch"]["ari_vs_rademacher"]
+    lines += ["", "CountSketch vs dense clusters, ARI: " + ", ".join(f"k={c}: {cs[c]}" for c in ks) + ". "
+              "Unprojected clusters vs the instructions' source data set, ARI: "
+              + ", ".join(f"k={c}: {r['ari_exact_vs_source'][c]}" for c in ks) + ".", "",
+              f"Naive and batched features agree to cosine {r['naive_vs_batched_min_cosine']} (min over the timed examples)."]
+    return "\n".join(lines)
 
 
 def inference(r) -> str:

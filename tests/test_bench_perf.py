@@ -17,7 +17,10 @@ def test_bench_features_reports_naive_batched_and_floor(backbone):
         assert key in r
     # The naive loop and the batched extractor compute the same features.
     assert r["naive_vs_batched_min_cosine"] > 0.9999
-    assert 0 <= r["countsketch"]["distortion_vs_exact"]["mean_abs_cos_error"] < 0.5
+    for kind in ("rademacher", "countsketch"):
+        assert 0 <= r["projections"][kind]["distortion_vs_exact"]["mean_abs_cos_error"] < 0.5
+        assert set(r["projections"][kind]["ari_vs_exact"]) == {"4"}
+    assert r["batched_s"] == r["projections"][r["default_projection"]]["batched_s"]
 
 
 def test_bench_inference_reports_side_by_side_figures(backbone):

@@ -102,6 +102,27 @@ def test_per_sample_gradients_independent_of_batch_composition(tiny_model, token
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
 
 
+def test_token_budget_batches_and_features_do_not_depend_on_them(tiny_model, tokenizer):
+    from elrea_hf.features import _length_sorted_batches
+
+    lengths = [30, 10, 12, 50, 11, 29]
+    batches = _length_sorted_batches(lengths, batch_size=3, max_batch_tokens=60)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # nothing dropped
+    assert batches == [[1, 4, 2], [5, 0], [3]]  # 3 x 12 <= 60, 2 x 30 <= 60, 50 alone
+    assert all(len(b) * max(lengths[i] for i in b) <= 60 for b in batches)
+    assert _length_sorted_batches([100], 8, 10) == [[0]]  # a longer example still gets a batch
+
+    model = _peft(tiny_model)
+    examples = examples_from_prompts(InstructionMasker(tokenizer), PROMPTS)
+    dim = sum(m.weight.numel() for m in lora_modules(model, "default").values())
+    spec = ProjectionSpec(dim=dim, d_proj=64, seed=3)
+    snaps = [_snapshot(model, 0, 0)]
+    whole = instruction_gradient_features(model, snaps, examples, spec, batch_size=8, pad_token_id=tokenizer.pad_token_id)
+    budget = instruction_gradient_features(model, snaps, examples, spec, batch_size=8, max_batch_tokens=1,
+                                           pad_token_id=tokenizer.pad_token_id)
+    torch.testing.assert_close(budget, whole, rtol=1e-4, atol=1e-5)
+
+
 def test_projection_is_independent_of_chunking_and_matches_dense():
     spec = ProjectionSpec(dim=1000, d_proj=64, seed=7, block_size=128)
     x = torch.randn(10, 1000, dtype=torch.float64).float()

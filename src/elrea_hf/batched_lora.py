@@ -5,8 +5,12 @@ PEFT's mixed-adapter batches (``adapter_names=[...]``) loop over the adapters in
 (select the rows, run A and B, scatter back): with C + 1 adapters that is C + 1 small kernels and
 two copies per layer and step, which on a CPU costs more than the backbone's own matmuls at decode
 time. Here the base model runs with its adapters disabled and a forward hook on every LoRA layer
-adds ``scaling_a * B_a A_a x`` for each row's adapter ``a`` from stacked weights
-(``torch.bmm`` over rows), the same sum PEFT computes.
+adds ``scaling_a * B_a A_a x`` for each row's adapter ``a``, the same sum PEFT computes, as two
+plain matmuls against the adapters' concatenated weights: ``x @ [A_0; ...; A_n]^T`` gives every
+adapter's rank-r code, a 0/1 mask keeps only the row's own adapter block, and
+``@ [B_0, ..., B_n]^T`` maps it back. Nothing is copied per row, so memory does not grow with the
+number of (prompt, adapter) rows; the extra multiply-adds (n x r columns) are a few percent of the
+backbone's.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ class BatchedLoraRows:
     def __init__(self, peft_model, adapter_names: Sequence[str]):
         self.peft_model = peft_model
         self.adapter_names = list(adapter_names)
-        self.layers = []  # (module, A [n, r, in], B [n, out, r] * scaling)
+        self.layers = []  # (module, A [n * r, in], B [out, n * r] * scaling); r may differ by layer
         for module in peft_model.modules():
             lora_A = getattr(module, "lora_A", None)
             if not isinstance(lora_A, torch.nn.ModuleDict) or not all(n in lora_A for n in self.adapter_names):
@@ -36,8 +40,8 @@ class BatchedLoraRows:
             ranks = {lora_A[n].weight.shape[0] for n in self.adapter_names}
             if len(ranks) != 1:
                 raise NotImplementedError(f"adapters of different ranks {sorted(ranks)} cannot be stacked")
-            A = torch.stack([lora_A[n].weight.detach() for n in self.adapter_names])
-            B = torch.stack([module.lora_B[n].weight.detach() * module.scaling[n] for n in self.adapter_names])
+            A = torch.cat([lora_A[n].weight.detach() for n in self.adapter_names])
+            B = torch.cat([module.lora_B[n].weight.detach() * module.scaling[n] for n in self.adapter_names], dim=1)
             self.layers.append((module, A, B))
         if not self.layers:
             raise ValueError(f"no LoRA layer holds all of the adapters {self.adapter_names}")
@@ -54,15 +58,19 @@ class BatchedLoraRows:
     @contextmanager
     def apply(self, row_adapters: torch.Tensor):
         """Within the block, a forward of ``peft_model`` applies adapter ``row_adapters[i]`` (an index
-        into ``adapter_names``) to row ``i`` of the batch. The per-row weights are gathered once
-        per distinct ``row_adapters`` (constant over a whole ``generate`` call)."""
-        key = tuple(row_adapters.tolist())
-        if getattr(self, "_rows_key", None) != key:
-            rows = row_adapters.long()
-            self._gathered = [(A[rows.to(A.device)], B[rows.to(B.device)]) for _, A, B in self.layers]
-            self._rows_key = key
-        handles = [module.register_forward_hook(self._hook(A_rows, B_rows))
-                   for (module, _, _), (A_rows, B_rows) in zip(self.layers, self._gathered)]
+        into ``adapter_names``) to row ``i`` of the batch."""
+        rows = row_adapters.long().cpu()
+        masks: dict[tuple, torch.Tensor] = {}  # one [rows, 1, n * r] 0/1 mask per rank and device
+
+        def mask_for(A: torch.Tensor) -> torch.Tensor:
+            key = (A.shape[0], A.device)
+            if key not in masks:
+                m = torch.zeros(len(rows), len(self.adapter_names), A.shape[0] // len(self.adapter_names))
+                m[torch.arange(len(rows)), rows] = 1.0
+                masks[key] = m.view(len(rows), 1, -1).to(A.device)
+            return masks[key]
+
+        handles = [module.register_forward_hook(self._hook(A, B, mask_for(A))) for module, A, B in self.layers]
         try:
             with self.peft_model.disable_adapter():
                 yield
@@ -71,12 +79,12 @@ class BatchedLoraRows:
                 h.remove()
 
     @staticmethod
-    def _hook(A_rows: torch.Tensor, B_rows: torch.Tensor):
+    def _hook(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor):
         def hook(module, args, output):
             x = args[0]
             shape = x.shape
-            x3 = x.reshape(shape[0], -1, shape[-1]).to(A_rows.dtype)
-            delta = torch.bmm(torch.bmm(x3, A_rows.transpose(1, 2)), B_rows.transpose(1, 2))
-            return output + delta.reshape(*shape[:-1], -1).to(output.dtype)
+            x3 = x.reshape(shape[0], -1, shape[-1]).to(A.dtype)
+            codes = (x3 @ A.T) * mask
+            return output + (codes @ B.T).reshape(*shape[:-1], -1).to(output.dtype)
 
         return hook

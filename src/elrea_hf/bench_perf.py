@@ -167,23 +167,30 @@ def _adam_snapshot(model, examples, pad_id: int, steps: int = 2, lr: float = 1e-
     return snap
 
 
-def _floor_pass(model, examples, pad_id: int, batch_size: int, repeats: int = 1) -> float:
+def _floor_pass(model, examples, pad_id: int, batch_size: int, repeats: int = 1,
+                max_batch_tokens: int | None = None, adapter: str = "default") -> float:
     """Plain forward + backward of the instruction loss, whole batches, no per-sample work; batched
-    like the extractor (examples sorted by length), so that both pay the same padding."""
-    from .features import _pad_batch, instruction_losses, lora_modules
+    like the extractor (the same length-sorted batches), so that both pay the same padding."""
+    from .features import _length_sorted_batches, _pad_batch, instruction_losses, lora_modules
 
-    params = [m.weight for m in lora_modules(model, "default").values()]
-    examples = sorted(examples, key=lambda e: len(e.input_ids))
+    params = [m.weight for m in lora_modules(model, adapter).values()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    batches = _length_sorted_batches([len(e.input_ids) for e in examples], batch_size, max_batch_tokens)
     model.eval()
     t0 = time.perf_counter()
     for _ in range(repeats):
-        for b in range(0, len(examples), batch_size):
-            ids, att, mask = _pad_batch(examples[b:b + batch_size], pad_id, "cpu")
+        for rows in batches:
+            ids, att, mask = _pad_batch([examples[i] for i in rows], pad_id, "cpu")
             with torch.enable_grad():
                 loss = instruction_losses(model(input_ids=ids, attention_mask=att, use_cache=False).logits,
                                           ids, mask).sum()
                 torch.autograd.grad(loss, params)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    for p, f in zip(params, flags):
+        p.requires_grad_(f)
+    return seconds
 
 
 def _naive_features(model, snapshot, examples, spec, pad_id: int) -> tuple[torch.Tensor, float]:
@@ -240,12 +247,17 @@ def _clusters(features: torch.Tensor, k: int, seed: int):
     return GradientClusterer(initial_clusters=k, max_balance_rounds=0, min_cluster_size=1, random_state=seed).fit_predict(x)
 
 
-def bench_features(model: str | None = None, n: int = 64, batch_size: int = 8, d_proj: int = 8192, rank: int = 8,
-                   targets: str = "all-linear", naive_examples: int = 4, seed: int = 0) -> dict:
+def bench_features(model: str | None = None, n: int = 128, batch_size: int = 8, d_proj: int = 8192, rank: int = 8,
+                   targets: str = "all-linear", naive_examples: int = 4, seed: int = 0,
+                   cluster_ks: Sequence[int] = (4, 8, 16)) -> dict:
+    """Issue 3's benchmark: naive loop vs batched extractor vs the plain forward+backward floor, for
+    both projection kinds, and each kind's inner-product distortion and clustering agreement (ARI at
+    several cluster counts) against the unprojected Adam-normalised gradients of the same examples.
+    The top-level figures are those of the default projection (:class:`ProjectionSpec`)."""
     from sklearn.metrics import adjusted_rand_score
 
     from .features import InstructionMasker, examples_from_prompts, instruction_gradient_features, lora_dimension
-    from .projection import ProjectionSpec, make_projector
+    from .projection import PROJECTION_KINDS, ProjectionSpec, make_projector
 
     torch.manual_seed(seed)
     path = _backbone(model)
@@ -255,54 +267,60 @@ def bench_features(model: str | None = None, n: int = 64, batch_size: int = 8, d
     pad = tok.pad_token_id or 0
     snap = _adam_snapshot(peft, examples, pad)
     dim = lora_dimension(peft, "default")
-    dense = ProjectionSpec(dim=dim, d_proj=d_proj, seed=seed)
-    sketch = ProjectionSpec(dim=dim, d_proj=d_proj, seed=seed, kind="countsketch")
+    specs = {kind: ProjectionSpec(dim=dim, d_proj=d_proj, seed=seed, kind=kind) for kind in PROJECTION_KINDS}
+    default_kind = ProjectionSpec(dim=dim).kind
     lengths = [len(e.input_ids) for e in examples]
     content = [sum(e.loss_mask) for e in examples]
 
     _floor_pass(peft, examples[:batch_size], pad, batch_size)  # warm-up (allocator, kernels)
     floor_s = _floor_pass(peft, examples, pad, batch_size)
-    feats, batched_s = _timed(instruction_gradient_features, peft, [snap], examples, dense,
-                              batch_size=batch_size, pad_token_id=pad)
-    feats_cs, batched_cs_s = _timed(instruction_gradient_features, peft, [snap], examples, sketch,
-                                    batch_size=batch_size, pad_token_id=pad)
-    probe = torch.randn(n, dim)
-    _, projection_s = _timed(make_projector(dense).project, probe)
-    _, projection_cs_s = _timed(make_projector(sketch).project, probe)
-    del probe
-    naive, naive_measured_s = _naive_features(peft, snap, examples[:naive_examples], dense, pad)
+    feats, batched_s, projection_s = {}, {}, {}
+    for kind, spec in specs.items():
+        feats[kind], batched_s[kind] = _timed(instruction_gradient_features, peft, [snap], examples, spec,
+                                              batch_size=batch_size, pad_token_id=pad)
+        probe = torch.randn(n, dim)
+        _, projection_s[kind] = _timed(make_projector(spec).project, probe)
+        del probe
+    naive, naive_measured_s = _naive_features(peft, snap, examples[:naive_examples], specs["rademacher"], pad)
     naive_s = naive_measured_s / naive_examples * n
-    agree = torch.nn.functional.cosine_similarity(naive, feats[:naive_examples], dim=1).min().item()
+    agree = torch.nn.functional.cosine_similarity(naive, feats["rademacher"][:naive_examples], dim=1).min().item()
 
     exact = _exact_adam_gradients(peft, snap, examples, pad, batch_size)
-    k = len(set(labels))
-    labels_exact, labels_dense, labels_cs = (_clusters(x, k, seed) for x in (exact, feats, feats_cs))
-    result = {
-        "naive_s": round(naive_s, 2), "batched_s": round(batched_s, 2), "floor_s": round(floor_s, 2),
-        "projection_s": round(projection_s, 2),
-        "speedup_vs_naive": round(naive_s / batched_s, 2), "ratio_to_floor": round(batched_s / floor_s, 3),
-        "projection_share": round(projection_s / batched_s, 3),
-        "countsketch": {
-            "batched_s": round(batched_cs_s, 2), "projection_s": round(projection_cs_s, 3),
-            "speedup_vs_naive": round(naive_s / batched_cs_s, 2), "ratio_to_floor": round(batched_cs_s / floor_s, 3),
-            "distortion_vs_exact": _distortion(exact, feats_cs),
-            "ari_vs_dense": round(adjusted_rand_score(labels_dense, labels_cs), 4),
-            "ari_vs_exact": round(adjusted_rand_score(labels_exact, labels_cs), 4),
-        },
-        "dense": {"distortion_vs_exact": _distortion(exact, feats),
-                  "ari_vs_exact": round(adjusted_rand_score(labels_exact, labels_dense), 4)},
+    ks = sorted({k for k in cluster_ks if 2 <= k <= n // 2})
+    exact_labels = {k: _clusters(exact, k, seed) for k in ks}
+    kind_labels = {kind: {k: _clusters(f, k, seed) for k in ks} for kind, f in feats.items()}
+    per_kind = {
+        kind: {
+            "batched_s": round(batched_s[kind], 2), "projection_s": round(projection_s[kind], 3),
+            "projection_share": round(projection_s[kind] / batched_s[kind], 3),
+            "speedup_vs_naive": round(naive_s / batched_s[kind], 2),
+            "ratio_to_floor": round(batched_s[kind] / floor_s, 3),
+            "distortion_vs_exact": _distortion(exact, feats[kind]),
+            "ari_vs_exact": {str(k): round(adjusted_rand_score(exact_labels[k], kind_labels[kind][k]), 4) for k in ks},
+        }
+        for kind in specs
+    }
+    per_kind["countsketch"]["ari_vs_rademacher"] = {
+        str(k): round(adjusted_rand_score(kind_labels["rademacher"][k], kind_labels["countsketch"][k]), 4) for k in ks}
+    d = per_kind[default_kind]
+    return {
+        "naive_s": round(naive_s, 2), "batched_s": d["batched_s"], "floor_s": round(floor_s, 2),
+        "projection_s": d["projection_s"], "speedup_vs_naive": d["speedup_vs_naive"],
+        "ratio_to_floor": d["ratio_to_floor"], "projection_share": d["projection_share"],
+        "default_projection": default_kind, "projections": per_kind,
         "naive_vs_batched_min_cosine": round(agree, 6),
-        "ari_exact_vs_source": round(adjusted_rand_score(labels, labels_exact), 4),
+        "ari_exact_vs_source": {str(k): round(adjusted_rand_score(labels, exact_labels[k]), 4) for k in ks},
         "setup": {
             "model": path, "n_instructions": n, "batch_size": batch_size, "d_proj": d_proj, "lora_rank": rank,
             "target_modules": targets, "lora_params": dim, "tokens_mean": round(sum(lengths) / n, 1),
             "content_tokens_mean": round(sum(content) / n, 1), "sources": sorted(set(labels)),
+            "naive_projection": "rademacher",
             "naive_measured_examples": naive_examples, "naive_measured_s": round(naive_measured_s, 2),
             "naive_s_note": "naive_s = naive_measured_s / naive_measured_examples * n_instructions",
-            "threads": torch.get_num_threads(), "clusters_k": k,
+            "threads": torch.get_num_threads(), "cluster_ks": ks,
+            "clustering": "GradientClusterer (BIRCH), no balancing rounds, on unit features",
         },
     }
-    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +433,7 @@ def _phase_elrea_inference(bundle: str, prompts: list[str], batch_size: int, new
     import elrea_hf  # noqa: F401  (registers the auto classes)
     from transformers import AutoModelForCausalLM
 
-    from .features import _pad_batch, instruction_losses, lora_modules, load_lora_state, lora_state
+    from .features import load_lora_state, lora_state
 
     model = AutoModelForCausalLM.from_pretrained(bundle)
     model.routing_config.top_k = top_k
@@ -438,31 +456,22 @@ def _phase_elrea_inference(bundle: str, prompts: list[str], batch_size: int, new
               "decode_step_s": sum(gen["steps"]) / len(gen["steps"]),
               "rows_per_prompt": float((weights != 0).sum(1).float().mean())}
     if with_floor:
-        # Floor of routing: one plain forward+backward of the same prompts per stored epoch.
-        peft, adapter = model.peft_model, model.config.feature_adapter
-        examples = [model.masker.render(p) for p in prompts]
+        # Floor of routing: one plain forward+backward of the same prompts per stored epoch, in the
+        # same batches as route() forms.
         from .features import InstructionExample
 
-        examples = [InstructionExample(ids, model.masker.mask(ids)) for ids in examples]
-        params = [m.weight for m in lora_modules(peft, adapter).values()]
+        peft, adapter = model.peft_model, model.config.feature_adapter
+        examples = [InstructionExample(ids, model.masker.mask(ids)) for ids in map(model.masker.render, prompts)]
         saved = lora_state(peft, adapter)
         peft.set_adapter(adapter)
-        flags = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(True)
-        t0 = time.perf_counter()
+        seconds = 0.0
         for snap in model.snapshots:
             load_lora_state(peft, adapter, snap.weights)
             for b in range(0, len(examples), batch_size):
-                ids, att, mask = _pad_batch(examples[b:b + batch_size], tok.pad_token_id or 0, "cpu")
-                with torch.enable_grad():
-                    loss = instruction_losses(peft(input_ids=ids, attention_mask=att, use_cache=False).logits,
-                                              ids, mask).sum()
-                    torch.autograd.grad(loss, params)
-        result["routing_floor_s"] = time.perf_counter() - t0
+                seconds += _floor_pass(peft, examples[b:b + batch_size], tok.pad_token_id or 0, batch_size,
+                                       max_batch_tokens=model.config.routing_max_batch_tokens, adapter=adapter)
+        result["routing_floor_s"] = seconds
         load_lora_state(peft, adapter, saved)
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
     return result
 
 
@@ -707,7 +716,7 @@ def efficiency_markdown(r: dict) -> str:
 def add_parsers(sub) -> None:
     """Register ``features``, ``inference`` and ``efficiency`` under ``elrea-hf bench``."""
     f = sub.add_parser("features", help="gradient-feature extraction: naive loop vs batched vs floor")
-    f.add_argument("--n", type=int, default=64, help="instructions")
+    f.add_argument("--n", type=int, default=128, help="instructions")
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--naive-examples", type=int, default=4, help="examples the naive loop is timed on")
     _common(f)

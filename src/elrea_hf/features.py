@@ -357,13 +357,15 @@ def lora_per_sample_gradients(
     attention_mask: torch.Tensor,
     loss_mask: torch.Tensor,
     adapter_name: str = "default",
+    modules: dict[str, torch.nn.Linear] | None = None,
 ) -> torch.Tensor:
     """Gradient of each example's instruction loss w.r.t. the adapter's LoRA weights, [B, D].
 
     One forward and one backward for the whole batch. Runs in eval mode (no dropout) with
     ``torch.autograd.grad`` so that no ``.grad`` buffer is touched: calling it during training does
-    not change the training run."""
-    modules = lora_modules(model, adapter_name)
+    not change the training run. ``modules`` (from :func:`lora_modules`) saves the module walk when
+    called batch after batch."""
+    modules = lora_modules(model, adapter_name) if modules is None else modules
     was_training = model.training
     saved_flags = {n: m.weight.requires_grad for n, m in modules.items()}
     collector = _LoraGradientCollector(modules)
@@ -437,6 +439,23 @@ def _pad_batch(examples: Sequence[InstructionExample], pad_id: int, device) -> t
     return ids.to(device), att.to(device), mask.to(device)
 
 
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
+    """Positions grouped into batches of similar length (less padding), each of at most
+    ``batch_size`` rows and, when given, at most ``max_batch_tokens`` padded tokens (a single longer
+    example still gets its own batch). The token budget bounds the activation memory of the
+    backward pass whatever the prompt lengths."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        batch = batches[-1] if batches else None
+        fits = (batch is not None and len(batch) < batch_size
+                and (max_batch_tokens is None or (len(batch) + 1) * lengths[i] <= max_batch_tokens))
+        if fits:
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def _chunk_rows(dim: int, budget_bytes: int = 1 << 30) -> int:
     return max(8, budget_bytes // (4 * dim))
 
@@ -467,11 +486,13 @@ def iter_instruction_gradient_features(
     pad_token_id: int = 0,
     progress_desc: str | None = None,
     example_ids: Sequence | None = None,
+    max_batch_tokens: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """:func:`instruction_gradient_features` one chunk of rows at a time: yields ``(start, features)``
     with ``features`` the rows ``start ... start + len(features)``, so that a caller can write them out
     without holding all N x d_proj features."""
     names, numels = _check_setup(model, snapshots, projection, adapter_name)
+    modules = lora_modules(model, adapter_name)
     if example_ids is not None and len(example_ids) != len(examples):
         raise ValueError(f"{len(example_ids)} example ids given for {len(examples)} examples")
     ids = list(range(len(examples))) if example_ids is None else list(example_ids)
@@ -491,12 +512,10 @@ def iter_instruction_gradient_features(
             for snap in snapshots:
                 load_lora_state(model, adapter_name, snap.weights)
                 bad: list = []
-                # Batches of similar length (less padding); rows go back to their own positions.
-                order = sorted(range(len(part)), key=lambda i: len(part[i].input_ids))
-                for b0 in range(0, len(part), batch_size):
-                    rows = order[b0 : b0 + batch_size]
+                # Rows go back to their own positions after the length-sorted batches.
+                for rows in _length_sorted_batches([len(e.input_ids) for e in part], batch_size, max_batch_tokens):
                     batch_ids, att, mask = _pad_batch([part[i] for i in rows], pad_token_id, device)
-                    grads = lora_per_sample_gradients(model, batch_ids, att, mask, adapter_name).cpu()
+                    grads = lora_per_sample_gradients(model, batch_ids, att, mask, adapter_name, modules).cpu()
                     finite = torch.isfinite(grads).all(dim=1)
                     bad += [ids[c0 + rows[int(i)]] for i in (~finite).nonzero().flatten()]
                     acc[rows] += adam_normalize(grads, snap, names, numels)
@@ -529,6 +548,7 @@ def instruction_gradient_features(
     pad_token_id: int = 0,
     progress_desc: str | None = None,
     example_ids: Sequence | None = None,
+    max_batch_tokens: int | None = None,
 ) -> torch.Tensor:
     """Projected, Adam-normalised instruction gradients of ``examples`` (eq 5-7), [N, d_proj].
 
@@ -539,7 +559,8 @@ def instruction_gradient_features(
     are restored afterwards. Vectors are projected in large chunks because generating the
     projection matrix is the fixed cost of a call.
 
-    Snapshots of another model or adapter shape are refused before any work (naming the file and
+    Batches hold at most ``batch_size`` examples and, with ``max_batch_tokens``, at most that many
+    padded tokens. Snapshots of another model or adapter shape are refused before any work (naming the file and
     parameter); a non-finite per-example gradient raises ``ValueError`` naming the examples by
     ``example_ids`` (default: their positions in ``examples``).
     """
@@ -547,6 +568,7 @@ def instruction_gradient_features(
     for start, chunk in iter_instruction_gradient_features(
         model, snapshots, examples, projection, adapter_name=adapter_name, batch_size=batch_size,
         normalize=normalize, pad_token_id=pad_token_id, progress_desc=progress_desc, example_ids=example_ids,
+        max_batch_tokens=max_batch_tokens,
     ):
         features[start : start + len(chunk)] = chunk
     return features

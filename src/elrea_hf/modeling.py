@@ -297,12 +297,16 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"prompt {i} has {len(ex.input_ids)} tokens, more than the model's context of {limit}")
 
     def route(self, prompts=None, *, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-              instruction_mask: torch.Tensor | None = None, batch_size: int = 8) -> torch.Tensor:
+              instruction_mask: torch.Tensor | None = None, batch_size: int = 8,
+              max_batch_tokens: int | None = None) -> torch.Tensor:
         """Routing weights [B, 1 + C] (column 0 the base adapter, then experts in config order).
 
         ``prompts`` is a list of chat-message lists or strings (rendered with the bundle's chat
         template); alternatively ``input_ids`` (left or right padded, with ``attention_mask``) whose
-        user content is recovered by the documented rule, or given as ``instruction_mask``."""
+        user content is recovered by the documented rule, or given as ``instruction_mask``.
+        Gradients are taken in batches of at most ``batch_size`` prompts and ``max_batch_tokens``
+        padded tokens (default ``config.routing_max_batch_tokens``); the weights do not depend on
+        the batching."""
         if prompts is not None:
             if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], dict)):
                 prompts = [prompts]
@@ -323,6 +327,7 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
         features = instruction_gradient_features(
             self.peft_model, self.snapshots, examples, ProjectionSpec.from_dict(self.config.projection),
             adapter_name=self.config.feature_adapter, batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens if max_batch_tokens is not None else self.config.routing_max_batch_tokens,
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer is not None else 0,
         )
         w_base, w_experts = routing_weights(features.to(self.centroids.device), self.centroids,
