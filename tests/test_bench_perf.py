@@ -42,3 +42,14 @@ def test_bench_efficiency_fills_every_table_row(backbone):
         assert key in r, key
     assert sum(r["setup"]["cluster_sizes"]) == 8
     assert "| Inference |" in efficiency_markdown(r)
+
+
+def test_isometric_coordinates_keep_inner_products():
+    import torch
+
+    from elrea_hf.bench_perf import _isometric_coordinates
+
+    x = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0))
+    c = _isometric_coordinates(x, chunk=300)
+    assert c.shape == (6, 6)
+    torch.testing.assert_close(c @ c.T, x.double() @ x.double().T, rtol=1e-9, atol=1e-8)

@@ -15,7 +15,7 @@ from elrea_hf.features import (
     lora_modules,
     lora_per_sample_gradients,
 )
-from elrea_hf.projection import ProjectionSpec, RademacherProjector
+from elrea_hf.projection import ProjectionSpec, RademacherProjector, make_projector
 
 PROMPTS = [
     "add 12 and 30",
@@ -75,18 +75,19 @@ def _reference_features(model, snapshots, examples, R):
     return torch.stack(out)
 
 
-def test_features_match_naive_per_example_loop(tiny_model, tokenizer):
+@pytest.mark.parametrize("kind", ["rademacher", "countsketch"])
+def test_features_match_naive_per_example_loop(tiny_model, tokenizer, kind):
     model = _peft(tiny_model)
     masker = InstructionMasker(tokenizer)
     examples = examples_from_prompts(masker, PROMPTS)
     snaps = [_snapshot(model, 0, 0), _snapshot(model, 1, 1)]
     dim = sum(m.weight.numel() for m in lora_modules(model, "default").values())
-    spec = ProjectionSpec(dim=dim, d_proj=64, seed=3, block_size=100)
+    spec = ProjectionSpec(dim=dim, d_proj=64, seed=3, block_size=100, kind=kind)
     before = {n: m.weight.clone() for n, m in lora_modules(model, "default").items()}
     got = instruction_gradient_features(model, snaps, examples, spec, batch_size=3, pad_token_id=tokenizer.pad_token_id)
     for n, m in lora_modules(model, "default").items():
         assert torch.equal(m.weight, before[n]), "adapter weights must be restored"
-    R = RademacherProjector(spec).dense_matrix()
+    R = make_projector(spec).dense_matrix()  # explicitly materialised
     want = _reference_features(model, snaps, examples, R)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -124,7 +125,7 @@ def test_token_budget_batches_and_features_do_not_depend_on_them(tiny_model, tok
 
 
 def test_projection_is_independent_of_chunking_and_matches_dense():
-    spec = ProjectionSpec(dim=1000, d_proj=64, seed=7, block_size=128)
+    spec = ProjectionSpec(dim=1000, d_proj=64, seed=7, block_size=128, kind="rademacher")
     x = torch.randn(10, 1000, dtype=torch.float64).float()
     proj = RademacherProjector(spec)
     R = proj.dense_matrix()
@@ -134,7 +135,7 @@ def test_projection_is_independent_of_chunking_and_matches_dense():
     # batch size changes only BLAS summation order: equal to float32 round-off
     torch.testing.assert_close(torch.cat([proj.project(x[i : i + 1]) for i in range(10)]), proj.project(x), rtol=1e-4, atol=1e-3)
     assert torch.equal(proj.project(x), proj.project(x))
-    assert not torch.equal(RademacherProjector(ProjectionSpec(1000, 64, seed=8, block_size=128)).dense_matrix(), R)
+    assert not torch.equal(RademacherProjector(ProjectionSpec(1000, 64, seed=8, block_size=128, kind="rademacher")).dense_matrix(), R)
 
 
 def test_user_content_mask_covers_exactly_the_user_message(tokenizer):

@@ -46,3 +46,11 @@ def test_cosines_are_preserved_at_the_jl_level(kind):
 def test_unknown_kind_is_named():
     with pytest.raises(ValueError, match="unknown projection kind 'fjlt'"):
         make_projector(ProjectionSpec(dim=10, d_proj=8, kind="fjlt"))
+
+
+def test_default_kind_and_specs_written_before_kinds_existed():
+    assert ProjectionSpec(dim=10).kind == "countsketch"
+    # A spec stored without a kind (older bundles) is the dense Rademacher one it was made with.
+    assert ProjectionSpec.from_dict({"dim": 10, "d_proj": 8, "seed": 1, "block_size": 4}).kind == "rademacher"
+    spec = ProjectionSpec(dim=10, d_proj=8)
+    assert ProjectionSpec.from_dict(spec.to_dict()) == spec

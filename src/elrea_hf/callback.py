@@ -153,14 +153,15 @@ class ELREAGradientCallback(TrainerCallback):
     Args:
         output_dir: where snapshots and features go (default ``<TrainingArguments.output_dir>/elrea``).
         d_proj: projection dimension (eq 6; paper default 8192).
-        projection_seed: seed of the Rademacher projection.
+        projection_seed: seed of the random projection.
         instruction_tokens: ``"user_content"`` (default: only the user message's content carries
             loss) or ``"all_prompt"`` (every prompt token, template and system prompt included).
         batch_size: examples per forward/backward of the feature pass.
         compute_features: if False only the snapshots are stored (features can be computed later
             by the builder).
-        projection_kind: ``"rademacher"`` (dense, the paper's) or ``"countsketch"`` (sparse, far
-            cheaper on CPUs; see :mod:`elrea_hf.projection`).
+        projection_kind: ``"countsketch"`` (default: sparse, one multiply-add per gradient
+            coordinate) or ``"rademacher"`` (dense, the paper's; costs about as much as the
+            forward+backward pass itself; see :mod:`elrea_hf.projection` for the measured trade-off).
         feature_dtype: storage dtype of the features: ``"float32"`` (default), or ``"float16"`` /
             ``"bfloat16"`` for half the disk and memory (rows are stored as unit direction + float32
             norm, so precision does not depend on the features' scale).
@@ -178,7 +179,7 @@ class ELREAGradientCallback(TrainerCallback):
         instruction_tokens: str = "user_content",
         batch_size: int = 8,
         compute_features: bool = True,
-        projection_kind: str = "rademacher",
+        projection_kind: str = "countsketch",
         feature_dtype: str = "float32",
         features_part_size: int = 2048,
         example_id_column: str | None = "id",

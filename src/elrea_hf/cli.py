@@ -56,6 +56,8 @@ def _add_training_args(p, n_train, n_test):
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--target-modules", default="q_proj,v_proj")
     p.add_argument("--d-proj", type=int, default=8192)
+    p.add_argument("--projection", default="countsketch", choices=["countsketch", "rademacher"],
+                   help="random projection of the gradients (rademacher: the paper's dense one)")
     p.add_argument("--clusters", type=int, default=5, help="initial BIRCH clusters (balancing may add more)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
@@ -71,7 +73,7 @@ def _build(args, out_dir):
     train = skill_mixture("train", n=args.n_train, seed=args.seed)
     builder = ELREABuilder.from_model(
         model, train, _lora_config(args), _sft_config(os.path.join(out_dir, "run"), args),
-        callback=ELREAGradientCallback(d_proj=args.d_proj, projection_seed=args.seed),
+        callback=ELREAGradientCallback(d_proj=args.d_proj, projection_seed=args.seed, projection_kind=args.projection),
         expert_learning_rate=args.expert_lr,
         clusterer=GradientClusterer(initial_clusters=args.clusters, random_state=args.seed),
     )
