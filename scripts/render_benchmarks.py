@@ -86,7 +86,9 @@ def main() -> None:
         if r is not None:
             parts += [f"## {title}", "", fn(r), ""]
     for title, name in (("Efficiency, paper Table 5 protocol: `elrea-hf bench efficiency`", "efficiency.md"),
-                        ("Quality: `elrea-hf bench quality`", "quality.md")):
+                        ("Quality: `elrea-hf bench quality`", "quality.md"),
+                        ("Quality on real data, reduced: `elrea-hf bench quality --data math-combined`",
+                         "math_reduced.md")):
         path = DOCS / "benchmarks" / name
         if path.is_file():
             parts += [f"## {title}", "", path.read_text().strip(), ""]

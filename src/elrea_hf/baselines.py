@@ -46,7 +46,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -169,24 +168,16 @@ def train_adapter(backbone_path: str, train_dataset, sft_config, output_dir: str
         if lora_config is None:
             raise ValueError("train_adapter needs lora_config or init_adapter")
         model = get_peft_model(backbone, lora_config)
+    import dataclasses
+
+    from .bundle import save_adapter
+
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
-    try:
-        import dataclasses
-
-        args = dataclasses.replace(sft_config, output_dir=os.path.join(tmp, "run"), save_strategy="no",
-                                   report_to=[], push_to_hub=False)
+    with tempfile.TemporaryDirectory(prefix=".run-", dir=parent) as run_dir:
+        args = dataclasses.replace(sft_config, output_dir=run_dir, save_strategy="no", report_to=[], push_to_hub=False)
         SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
-        out = os.path.join(tmp, "adapter")
-        model.save_pretrained(out, safe_serialization=True)
-        with open(os.path.join(out, "elrea_adapter.json"), "w") as f:
-            json.dump(info, f)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(out, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, model.active_adapter, output_dir, info, info_file="elrea_adapter.json")
     return output_dir
 
 

@@ -31,6 +31,8 @@ class BatchedLoraRows:
         self.peft_model = peft_model
         self.adapter_names = list(adapter_names)
         self.layers = []  # (module, A [n * r, in], B [out, n * r] * scaling); r may differ by layer
+        self._handles: list = []
+        self._masks: dict = {}
         for module in peft_model.modules():
             lora_A = getattr(module, "lora_A", None)
             if not isinstance(lora_A, torch.nn.ModuleDict) or not all(n in lora_A for n in self.adapter_names):
@@ -58,33 +60,49 @@ class BatchedLoraRows:
     @contextmanager
     def apply(self, row_adapters: torch.Tensor):
         """Within the block, a forward of ``peft_model`` applies adapter ``row_adapters[i]`` (an index
-        into ``adapter_names``) to row ``i`` of the batch."""
-        rows = row_adapters.long().cpu()
-        masks: dict[tuple, torch.Tensor] = {}  # one [rows, 1, n * r] 0/1 mask per rank and device
+        into ``adapter_names``) to row ``i`` of the batch.
 
-        def mask_for(A: torch.Tensor) -> torch.Tensor:
+        Entering is the costly part (PEFT's ``disable_adapter`` walks the whole model), so
+        ``generate`` enters once for all decoding steps; a nested ``apply`` (each step's forward)
+        only swaps the row layout."""
+        masks = self._masks_for(row_adapters)
+        if self._handles:
+            saved, self._masks = self._masks, masks
+            try:
+                yield
+            finally:
+                self._masks = saved
+            return
+        self._masks = masks
+        self._handles = [module.register_forward_hook(self._hook(A, B)) for module, A, B in self.layers]
+        try:
+            with self.peft_model.disable_adapter():
+                yield
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles, self._masks = [], {}
+
+    def _masks_for(self, row_adapters: torch.Tensor) -> dict:
+        """One [rows, 1, n * r] 0/1 mask per distinct (n * r, device) of the layers."""
+        rows = row_adapters.long().cpu()
+        masks = {}
+        for _, A, _ in self.layers:
             key = (A.shape[0], A.device)
             if key not in masks:
                 m = torch.zeros(len(rows), len(self.adapter_names), A.shape[0] // len(self.adapter_names))
                 m[torch.arange(len(rows)), rows] = 1.0
                 masks[key] = m.view(len(rows), 1, -1).to(A.device)
-            return masks[key]
+        return masks
 
-        handles = [module.register_forward_hook(self._hook(A, B, mask_for(A))) for module, A, B in self.layers]
-        try:
-            with self.peft_model.disable_adapter():
-                yield
-        finally:
-            for h in handles:
-                h.remove()
+    def _hook(self, A: torch.Tensor, B: torch.Tensor):
+        key = (A.shape[0], A.device)
 
-    @staticmethod
-    def _hook(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor):
         def hook(module, args, output):
             x = args[0]
             shape = x.shape
             x3 = x.reshape(shape[0], -1, shape[-1]).to(A.dtype)
-            codes = (x3 @ A.T) * mask
+            codes = (x3 @ A.T) * self._masks[key]
             return output + (codes @ B.T).reshape(*shape[:-1], -1).to(output.dtype)
 
         return hook

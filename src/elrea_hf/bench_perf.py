@@ -715,7 +715,13 @@ def efficiency_markdown(r: dict) -> str:
               f"{r['infer_ratio']} (paper 2.3), memory {r['memory_ratio']} (paper 2.4). Against their floors: "
               f"training features {r['train_features_ratio_to_floor']}x a plain forward+backward, experts "
               f"{r['experts_ratio_to_base']}x the base fine-tuning, clustering {100 * r['clustering_share_of_total']:.3f}% "
-              "of the total.", "", f"Scale: {s['scale']}; {s['epochs']} epochs, batch {s['batch_size']}, "
+              "of the total.", "",
+              "Where the fine-tuning ratio comes from, each row as a multiple of the base fine-tuning: "
+              + ", ".join(f"{name} {r[key] / r['base_finetune_s']:.2f}" for name, key in (
+                  ("training features", "train_features_s"), ("their floor", "train_features_floor_s"),
+                  ("test features", "test_features_s"), ("clustering", "clustering_s"),
+                  ("experts", "experts_finetune_s")))
+              + f" (total {r['finetune_ratio']} = 1 + the rows but the floor).", "", f"Scale: {s['scale']}; {s['epochs']} epochs, batch {s['batch_size']}, "
               f"C={s['n_experts']}, rank {s['lora_rank']} ({s['target_modules']}), {s['new_tokens']} new tokens, "
               f"projection {s['projection']} d_proj={s['d_proj']}, {s['threads']} CPU threads. Memory: {s['memory']}."]
     return "\n".join(lines) + "\n"

@@ -16,7 +16,6 @@ to finish in about 75 minutes on 2 CPU cores; see ``estimate_cost``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -289,7 +288,6 @@ def run(args) -> dict:
                                           done=os.path.isfile(os.path.join(work, "elrea_labels.json")))
     tok = ensemble.tokenizer
     n_experts = len(ensemble.adapter_names) - 1
-    expert_names = ensemble.adapter_names[1:]
     base_dir = os.path.join(work, "bundle", "base")
 
     def route():

@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +31,7 @@ from .callback import (
     prompt_fingerprint,
 )
 from .clustering import GradientClusterer, cluster_report, format_cluster_report
+from .bundle import save_adapter
 from .feature_store import FeatureStore
 from .features import InstructionMasker, lora_state
 from .routing import RoutingConfig, cluster_centroids
@@ -208,7 +207,7 @@ class ELREABuilder:
                                      train_dataset=self.train_dataset.select(members), processing_class=self.tokenizer)
                 trainer.train()
                 if _is_main_process():
-                    _save_adapter(self.model, name, target, {"cluster": c, "members": members})
+                    save_adapter(self.model, name, target, {"cluster": c, "members": members})
                 _barrier()
             finally:
                 self.model.set_adapter(self.adapter_name)
@@ -227,7 +226,7 @@ class ELREABuilder:
         centroids = cluster_centroids(features, torch.as_tensor(self.labels_), len(dirs))
         base_dir = os.path.join(self.work_dir, "base")
         if _is_main_process():
-            _save_adapter(self.model, self.adapter_name, base_dir, {})
+            save_adapter(self.model, self.adapter_name, base_dir, {})
         _barrier()
         from peft import PeftModel
 
@@ -278,23 +277,6 @@ def _expert_done(folder: str, members: Sequence[int]) -> bool:
         return False
     with open(info) as f:
         return json.load(f).get("members") == list(members)
-
-
-def _save_adapter(model, name: str, target: str, info: dict) -> None:
-    """Save one adapter in PEFT's layout at ``target`` (atomically)."""
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
-    try:
-        model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
-        src = tmp if name == "default" else os.path.join(tmp, name)
-        with open(os.path.join(src, "elrea_expert.json"), "w") as f:
-            json.dump(info, f)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(src, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_prompt_completion(dataset) -> None:

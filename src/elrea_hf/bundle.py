@@ -34,6 +34,26 @@ class BundleError(OSError):
     """A bundle file is missing, unreadable or unsafe."""
 
 
+def save_adapter(model, name: str, target: str, info: dict, info_file: str = "elrea_expert.json") -> None:
+    """Save adapter ``name`` of a PEFT model in PEFT's layout at ``target``, with ``info`` as JSON in
+    ``info_file`` (what resuming compares against), atomically: a killed save leaves no half folder."""
+    import json
+
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+    try:
+        model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
+        src = tmp if name == "default" else os.path.join(tmp, name)
+        with open(os.path.join(src, info_file), "w") as f:
+            json.dump(info, f)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(src, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def atomic_directory(output_dir: str, overwrite: bool = False):
     """Yield a temporary directory that replaces ``output_dir`` only if the block succeeds."""

@@ -76,6 +76,7 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _supports_cache_class = True
     _no_split_modules: list = []
+    _generating_rows: BatchedLoraRows | None = None  # set while generate() holds the per-row LoRA hooks
 
     def __init__(self, config: ELREAConfig, peft_model: PeftModel | None = None, tokenizer=None,
                  centroids: torch.Tensor | None = None, snapshots: Sequence[EpochSnapshot] | None = None):
@@ -379,18 +380,14 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"routing_weights must have shape ({batch}, {n_adapters}), "
                                  f"got {tuple(routing_weights.shape)}")
 
-        # One row per (prompt, adapter) pair with a non-zero weight: top-k / min-weight routing
-        # then saves the work of the dropped experts. The weights are fixed for a whole generate
-        # call, so the row layout (and the KV cache built on it) is the same at every step.
-        keep = routing_weights.detach().cpu() != 0
-        keep[keep.sum(1) == 0, 0] = True  # a prompt with every weight 0 still needs a row
-        prompt_of, adapter_of = keep.nonzero(as_tuple=True)
+        prompt_of, adapter_of = _row_layout(routing_weights)
 
         def rows(t):
             return None if t is None else t[prompt_of.to(t.device)]
 
-        self.peft_model.eval()
-        with self._lora_rows().apply(adapter_of):
+        if self.peft_model.training:  # .eval() walks every module: not at every decoding step
+            self.peft_model.eval()
+        with (self._generating_rows or self._lora_rows()).apply(adapter_of):
             out = self.peft_model(
                 input_ids=rows(input_ids), attention_mask=rows(attention_mask), position_ids=rows(position_ids),
                 cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
@@ -428,9 +425,27 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
                                              instruction_mask=instruction_mask)
         else:
             self._check_length(self._examples_from_ids(input_ids, attention_mask, torch.ones_like(input_ids)))
-        out = super().generate(input_ids=input_ids, attention_mask=attention_mask,
-                               routing_weights=routing_weights.to(input_ids.device), **kwargs)
+        # Adapters are disabled and the per-row LoRA hooks registered once for all decoding steps.
+        rows = self._lora_rows()
+        self.peft_model.eval()
+        with rows.apply(_row_layout(routing_weights)[1]):
+            self._generating_rows = rows
+            try:
+                out = super().generate(input_ids=input_ids, attention_mask=attention_mask,
+                                       routing_weights=routing_weights.to(input_ids.device), **kwargs)
+            finally:
+                self._generating_rows = None
         return (out, routing_weights) if return_routing_weights else out
+
+
+def _row_layout(routing_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt_of, adapter_of)`` of the forward rows: one row per (prompt, adapter) pair with a
+    non-zero weight, so that top-k / min-weight routing saves the work of the dropped experts. The
+    weights are fixed for a whole generate call, so the layout (and the KV cache built on it) is
+    the same at every step."""
+    keep = routing_weights.detach().cpu() != 0
+    keep[keep.sum(1) == 0, 0] = True  # a prompt with every weight 0 still needs a row
+    return keep.nonzero(as_tuple=True)
 
 
 def register_auto_classes() -> None:
