@@ -268,3 +268,11 @@ def test_batched_lora_rows_equal_peft_mixed_adapter_batches(ensemble):
         with BatchedLoraRows(peft, names).apply(torch.tensor([names.index(n) for n in per_row])):
             got = peft(**enc).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # A nested apply (each decoding step inside generate) swaps the layout, never adds hooks twice.
+    rows = BatchedLoraRows(peft, names)
+    with torch.no_grad(), rows.apply(torch.zeros(4, dtype=torch.long)):
+        with rows.apply(torch.tensor([names.index(n) for n in per_row])):
+            nested = peft(**enc).logits
+        assert rows.active
+    assert not rows.active
+    torch.testing.assert_close(nested, want, rtol=1e-5, atol=1e-5)

@@ -57,6 +57,11 @@ class BatchedLoraRows:
                     out.append((id(w), w._version))
         return tuple(out)
 
+    @property
+    def active(self) -> bool:
+        """True inside :meth:`apply` (hooks registered, adapters disabled)."""
+        return bool(self._handles)
+
     @contextmanager
     def apply(self, row_adapters: torch.Tensor):
         """Within the block, a forward of ``peft_model`` applies adapter ``row_adapters[i]`` (an index
@@ -66,7 +71,7 @@ class BatchedLoraRows:
         ``generate`` enters once for all decoding steps; a nested ``apply`` (each step's forward)
         only swaps the row layout."""
         masks = self._masks_for(row_adapters)
-        if self._handles:
+        if self.active:
             saved, self._masks = self._masks, masks
             try:
                 yield

@@ -76,7 +76,6 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _supports_cache_class = True
     _no_split_modules: list = []
-    _generating_rows: BatchedLoraRows | None = None  # set while generate() holds the per-row LoRA hooks
 
     def __init__(self, config: ELREAConfig, peft_model: PeftModel | None = None, tokenizer=None,
                  centroids: torch.Tensor | None = None, snapshots: Sequence[EpochSnapshot] | None = None):
@@ -344,8 +343,10 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------------------------
     def _lora_rows(self) -> BatchedLoraRows:
         """Stacked adapter weights for the per-row LoRA of :meth:`forward` (rebuilt if an adapter
-        weight changed)."""
+        weight changed; while :meth:`generate` holds its hooks, the same object)."""
         cached = getattr(self, "_lora_rows_cache", None)
+        if cached is not None and cached.active:
+            return cached
         if cached is None or cached.adapter_names != self.adapter_names or cached.built_for != cached.version():
             cached = BatchedLoraRows(self.peft_model, self.adapter_names)
             cached.built_for = cached.version()
@@ -387,7 +388,7 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
 
         if self.peft_model.training:  # .eval() walks every module: not at every decoding step
             self.peft_model.eval()
-        with (self._generating_rows or self._lora_rows()).apply(adapter_of):
+        with self._lora_rows().apply(adapter_of):
             out = self.peft_model(
                 input_ids=rows(input_ids), attention_mask=rows(attention_mask), position_ids=rows(position_ids),
                 cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
@@ -429,12 +430,8 @@ class ELREAForCausalLM(PreTrainedModel, GenerationMixin):
         rows = self._lora_rows()
         self.peft_model.eval()
         with rows.apply(_row_layout(routing_weights)[1]):
-            self._generating_rows = rows
-            try:
-                out = super().generate(input_ids=input_ids, attention_mask=attention_mask,
-                                       routing_weights=routing_weights.to(input_ids.device), **kwargs)
-            finally:
-                self._generating_rows = None
+            out = super().generate(input_ids=input_ids, attention_mask=attention_mask,
+                                   routing_weights=routing_weights.to(input_ids.device), **kwargs)
         return (out, routing_weights) if return_routing_weights else out
 
 
